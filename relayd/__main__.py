@@ -1,0 +1,5 @@
+"""`python -m relayd`."""
+
+from relayd.cli import main
+
+raise SystemExit(main())

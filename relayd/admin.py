@@ -1,0 +1,168 @@
+"""The HTTP API (SPEC §3) on the unix socket and on TCP: intake, job queries, redeliver/cancel,
+status, health and metrics. Every error answer is JSON `{"error": "…"}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from relayd.intake.envelope import MAX_BYTES, IntakeError, check_job_id, parse_json
+from relayd.metrics import CONTENT_TYPE
+from relayd.store import FINAL_JOB_STATES, JobState, StoreError
+
+if TYPE_CHECKING:
+    from relayd.daemon import Daemon
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"body too large: the limit is {MAX_BYTES} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except StoreError as exc:
+        return error(503, f"the database cannot take this now: {exc}")
+
+
+def token_auth(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error(401, "missing or wrong 'Authorization: Bearer <api_token>'")
+        return await handler(request)
+
+    return check
+
+
+def make_app(daemon: Daemon, *, token: str | None = None) -> web.Application:
+    middlewares: list[Middleware] = [json_errors]
+    if token:
+        middlewares.append(token_auth(token))
+    app = web.Application(client_max_size=MAX_BYTES, middlewares=middlewares)
+    api = Api(daemon)
+    app.router.add_post("/v1/jobs", api.submit)
+    app.router.add_get("/v1/jobs", api.list_jobs)
+    app.router.add_get("/v1/jobs/{provider}/{doc_id}", api.show)
+    app.router.add_post("/v1/jobs/{provider}/{doc_id}/redeliver", api.redeliver)
+    app.router.add_delete("/v1/jobs/{provider}/{doc_id}", api.cancel)
+    app.router.add_get("/v1/status", api.status)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/metrics", api.metrics)
+    return app
+
+
+class Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def submit(self, request: web.Request) -> web.Response:
+        if self.daemon.draining:
+            return error(503, "shutting down: not taking new jobs")
+        raw = await request.read()
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.daemon.metrics.intake.labels("api", "rejected").inc()
+            return error(400, f"malformed JSON: {exc}")
+        try:
+            subs = parse_json(doc, self.daemon.catalog())
+        except IntakeError as exc:
+            self.daemon.metrics.intake.labels("api", "rejected").inc()
+            return error(400, str(exc))
+        try:
+            stored = self.daemon.accept(subs, "api")
+        except StoreError as exc:
+            self.daemon.metrics.intake.labels("api", "unavailable").inc()
+            return error(503, f"cannot store jobs now: {exc}")
+        jobs = [{**job.as_dict(), "created": created} for job, created in stored]
+        return web.json_response({"jobs": jobs}, status=202)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        q = request.query
+        state = q.get("state") or None
+        if state is not None and state not in set(JobState):
+            return error(400, f"state: unknown {state!r} (one of {', '.join(JobState)})")
+        try:
+            limit = int(q.get("limit", "100"))
+            if not 1 <= limit <= 10000:
+                raise ValueError
+        except ValueError:
+            return error(400, "limit: expected an integer from 1 to 10000")
+        jobs = self.daemon.store.list_jobs(state=state, provider=q.get("provider"), limit=limit)
+        return web.json_response({"jobs": [j.as_dict() for j in jobs]})
+
+    def _job_ref(self, request: web.Request) -> tuple[str, str]:
+        provider, doc_id = request.match_info["provider"], request.match_info["doc_id"]
+        try:
+            check_job_id(doc_id, "docId")
+        except IntakeError as exc:
+            raise web.HTTPBadRequest(reason=str(exc)) from None
+        return provider, doc_id
+
+    async def show(self, request: web.Request) -> web.Response:
+        provider, doc_id = self._job_ref(request)
+        detail = self.daemon.job_detail(provider, doc_id)
+        if detail is None:
+            return error(404, f"no job {provider}/{doc_id}")
+        return web.json_response(detail)
+
+    async def redeliver(self, request: web.Request) -> web.Response:
+        provider, doc_id = self._job_ref(request)
+        job = self.daemon.store.get_job(provider, doc_id)
+        if job is None:
+            return error(404, f"no job {provider}/{doc_id}")
+        count = self.daemon.store.redeliver(job.id, now=self.daemon.clock.time())
+        if not count:
+            return error(409, f"job {provider}/{doc_id} has nothing to deliver ({job.state})")
+        self.daemon.deliverer.wake()
+        return web.json_response({"redelivered": count}, status=202)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        provider, doc_id = self._job_ref(request)
+        job = self.daemon.store.get_job(provider, doc_id)
+        if job is None:
+            return error(404, f"no job {provider}/{doc_id}")
+        if job.state in FINAL_JOB_STATES:
+            return error(409, f"job {provider}/{doc_id} is already {job.state}")
+        self.daemon.store.cancel(job.id, now=self.daemon.clock.time())
+        updated = self.daemon.store.job_by_id(job.id)
+        assert updated is not None
+        return web.json_response({"job": updated.as_dict()})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.daemon.status())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        problem = self.daemon.health_problem()
+        if problem:
+            return web.json_response({"status": "failing", "error": problem}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self.daemon.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False)

@@ -1,0 +1,390 @@
+"""The `relayd` command: parses arguments, loads the config, calls one function per sub-command.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage, 78 bad config (systemd's RestartPreventExitStatus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EX_CONFIG = 78
+
+
+class CliError(Exception):
+    """A failure to report in one line and exit 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from relayd.config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"relayd: bad config:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except CliError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from relayd import __version__
+
+    p = argparse.ArgumentParser(prog="relayd", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def cmd(name: str, func: Any, help: str, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        if config:
+            sp.add_argument("-c", "--config", metavar="FILE", help="config file")
+        return sp
+
+    cmd("run", cmd_run, "run the daemon in the foreground")
+    sp = cmd("demo", cmd_demo, "the whole pipeline on this machine, no account needed", False)
+    sp.add_argument("--jobs", type=int, default=6, help="how many jobs to submit (default 6)")
+    sp = cmd("submit", cmd_submit, "hand job ids to the running daemon")
+    sp.add_argument("doc_ids", nargs="+", metavar="DOCID")
+    sp.add_argument("--provider", help="provider table name")
+    sp.add_argument("--endpoint", action="append", dest="endpoints", help="endpoint name")
+    sp.add_argument("--meta", action="append", default=[], metavar="K=V", help="metadata")
+    sp = cmd("status", cmd_status, "budgets, jobs by state, deliveries by endpoint")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = cmd("jobs", cmd_jobs, "list jobs")
+    sp.add_argument("--state")
+    sp.add_argument("--provider")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp = cmd("show", cmd_show, "one job with its polls and deliveries")
+    sp.add_argument("doc_id", metavar="DOCID")
+    sp.add_argument("--provider")
+    sp.add_argument("--json", action="store_true")
+    sp = cmd("redeliver", cmd_redeliver, "deliver finished jobs again (also dead ones)")
+    sp.add_argument("doc_ids", nargs="+", metavar="DOCID")
+    sp.add_argument("--provider")
+    sp = cmd("cancel", cmd_cancel, "stop polling and delivering jobs")
+    sp.add_argument("doc_ids", nargs="+", metavar="DOCID")
+    sp.add_argument("--provider")
+    sp = cmd("init", cmd_init, "write a commented starter config", False)
+    sp.add_argument("path", nargs="?", default="relayd.toml")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cmd("check-config", cmd_check_config, "validate and print the effective config")
+    sp = cmd("mock-provider", cmd_mock_provider, "a local fake of the providers' APIs", False)
+    sp.add_argument("--port", type=int, default=8900)
+    sp.add_argument("--window", type=float, default=60.0, help="rate window in seconds")
+    sp.add_argument("--limit", type=int, default=60, help="requests per window per key")
+    sp.add_argument("--ready-after", type=float, default=10.0, help="seconds until a job is done")
+    return p
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from relayd.config import load_config, resolve_config_path
+
+    return load_config(resolve_config_path(args.config))
+
+
+def _open_store(config: Any, *, write: bool = False) -> Any:
+    from relayd.store import Store, StoreError
+
+    path = config.settings.state_dir / "relayd.db"
+    if not path.exists():
+        raise CliError(f"no database at {path} (has relayd run with this config?)")
+    try:
+        return Store(path, readonly=not write)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _find_jobs(store: Any, doc_id: str, provider: str | None) -> list[Any]:
+    if provider:
+        job = store.get_job(provider, doc_id)
+        return [job] if job else []
+    return list(store.find_jobs(doc_id))
+
+
+async def _api(config: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    import aiohttp
+
+    settings = config.settings
+    headers = {}
+    if settings.socket is not None:
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=str(settings.socket))
+        base = "http://relayd"
+    elif settings.http is not None:
+        connector = aiohttp.TCPConnector()
+        base = f"http://{settings.http.host}:{settings.http.port}"
+        if settings.api_token:
+            headers["Authorization"] = f"Bearer {settings.api_token.value}"
+    else:
+        raise CliError("the config disables both the socket and the TCP API")
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            async with session.request(
+                method, base + path, json=body, headers=headers, timeout=aiohttp.ClientTimeout(30)
+            ) as resp:
+                return resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise CliError(f"cannot reach the daemon: {exc}") from None
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def _when(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _age(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from relayd import daemon, logs
+
+    config = _config(args)
+    logs.setup(config.settings.log_level, config.settings.log_format)
+    try:
+        asyncio.run(daemon.run(config))
+    except* OSError as group:
+        raise CliError("; ".join(str(e) for e in group.exceptions)) from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relayd.mock.demo import demo
+
+    return asyncio.run(demo(jobs=args.jobs))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    metadata = {}
+    for item in args.meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"relayd: --meta {item!r}: expected K=V", file=sys.stderr)
+            return 2
+        metadata[key] = value
+    jobs = []
+    for doc_id in args.doc_ids:
+        job: dict[str, Any] = {"docId": doc_id}
+        if args.provider:
+            job["provider"] = args.provider
+        if metadata:
+            job["metadata"] = metadata
+        if args.endpoints:
+            job["endpoints"] = args.endpoints
+        jobs.append(job)
+    status, body = asyncio.run(_api(config, "POST", "/v1/jobs", jobs))
+    if status != 202:
+        raise CliError(f"refused ({status}): {body.get('error', body)}")
+    for job in body["jobs"]:
+        note = "accepted" if job["created"] else f"already known ({job['state']})"
+        print(f"{job['provider']}/{job['docId']}: {note}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from relayd.daemon import status_from_store
+
+    config = _config(args)
+    try:
+        status, info = asyncio.run(_api(config, "GET", "/v1/status"))
+    except CliError as exc:
+        store = _open_store(config)
+        info = status_from_store(store, config, time.time())
+        info["running"] = False
+        info["note"] = str(exc)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"relayd {'running' if info.get('running') else 'NOT RUNNING (database view)'}")
+    if info.get("intake_error"):
+        print(f"INTAKE REFUSING: {info['intake_error']}")
+    rows = []
+    for name, p in info["providers"].items():
+        jobs = p["jobs"]
+        budget = p.get("budget") or {}
+        used = f"{budget['budget_used']}/{budget['rate_limit']}" if budget else None
+        flag = budget.get("paused")
+        rows.append(
+            [
+                name,
+                p["kind"],
+                used,
+                jobs.get("polling", 0),
+                jobs.get("delivering", 0),
+                jobs.get("delivered", 0),
+                sum(v for k, v in jobs.items() if k not in {"polling", "delivering", "delivered"}),
+                _age(p["oldest_waiting_seconds"]),
+                f"PAUSED: {flag}" if flag else "",
+            ]
+        )
+    headers = [
+        "PROVIDER",
+        "KIND",
+        "BUDGET",
+        "POLLING",
+        "DELIVERING",
+        "DELIVERED",
+        "OTHER",
+        "OLDEST WAITING",
+        "",
+    ]
+    print(table(rows, headers))
+    print()
+    rows = [
+        [
+            name,
+            e["pending"],
+            e.get("in_flight", "-"),
+            e["dead"],
+            e["delivered"],
+            "probing (endpoint down)" if e.get("probing") else "",
+        ]
+        for name, e in info["endpoints"].items()
+    ]
+    print(table(rows, ["ENDPOINT", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED", ""]))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    store = _open_store(_config(args))
+    jobs = store.list_jobs(state=args.state, provider=args.provider, limit=args.limit)
+    if args.json:
+        print(json.dumps([j.as_dict() for j in jobs], indent=2))
+        return 0
+    rows = [
+        [j.provider, j.doc_id, j.state, j.last_status, j.polls, _when(j.submitted_at)] for j in jobs
+    ]
+    print(table(rows, ["PROVIDER", "DOCID", "STATE", "LAST STATUS", "POLLS", "SUBMITTED"]))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from relayd.daemon import job_detail
+
+    store = _open_store(_config(args))
+    jobs = _find_jobs(store, args.doc_id, args.provider)
+    if not jobs:
+        raise CliError(f"no job {args.doc_id}")
+    details = [job_detail(store, j.provider, j.doc_id) for j in jobs]
+    if args.json:
+        print(json.dumps(details if len(details) > 1 else details[0], indent=2))
+        return 0
+    for detail in details:
+        assert detail is not None
+        job = detail["job"]
+        print(f"{job['provider']}/{job['docId']}: {job['state']}")
+        print(f"  submitted {_when(job['submitted_at'])} via {job['source']}, {job['polls']} polls")
+        for poll in detail["polls"]:
+            print(
+                f"  poll {_when(poll['at'])}  {poll['http_status'] or '-'}  {poll['outcome']}"
+                f"  {poll['detail'] or ''}".rstrip()
+            )
+        for d in detail["deliveries"]:
+            print(
+                f"  delivery to {d['endpoint']} ({d['event']}, {d['webhook_id']}): {d['state']}"
+                f", {d['attempts']} attempt(s)"
+            )
+            for a in d["history"]:
+                print(
+                    f"    {_when(a['at'])}  {a['status'] or '-'}  {a['outcome']}"
+                    f"  {a['error'] or ''}".rstrip()
+                )
+    return 0
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    store = _open_store(_config(args), write=True)
+    failures = 0
+    for doc_id in args.doc_ids:
+        jobs = _find_jobs(store, doc_id, args.provider)
+        if not jobs:
+            print(f"{doc_id}: no such job", file=sys.stderr)
+            failures += 1
+        for job in jobs:
+            n = store.redeliver(job.id, now=time.time())
+            if n:
+                print(f"{job.provider}/{doc_id}: {n} delivery(ies) queued again")
+            else:
+                print(f"{job.provider}/{doc_id}: nothing to deliver ({job.state})", file=sys.stderr)
+                failures += 1
+    return 1 if failures else 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    store = _open_store(_config(args), write=True)
+    failures = 0
+    for doc_id in args.doc_ids:
+        jobs = _find_jobs(store, doc_id, args.provider)
+        if not jobs:
+            print(f"{doc_id}: no such job", file=sys.stderr)
+            failures += 1
+        for job in jobs:
+            if store.cancel(job.id, now=time.time()):
+                print(f"{job.provider}/{doc_id}: cancelled")
+            else:
+                print(f"{job.provider}/{doc_id}: already {job.state}", file=sys.stderr)
+                failures += 1
+    return 1 if failures else 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from relayd.config import starter_config
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists (use --force to overwrite)")
+    path.write_text(starter_config())
+    print(f"wrote {path}: set XOSUM_API_KEY (or edit api_key), then `relayd run -c {path}`")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from relayd.config import render_effective
+
+    config = _config(args)
+    print(f"# {config.path}: OK")
+    print(render_effective(config), end="")
+    return 0
+
+
+def cmd_mock_provider(args: argparse.Namespace) -> int:
+    from relayd.mock.provider import main as mock_main
+
+    return mock_main(args.port, args.window, args.limit, args.ready_after)

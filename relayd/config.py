@@ -1,0 +1,598 @@
+"""Configuration: TOML → frozen dataclasses, checked strictly (every problem named by its TOML path,
+all reported at once); secrets resolved but never shown; effective and starter configs rendered."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import tomli_w
+
+log = logging.getLogger("relayd.config")
+
+DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
+EVENTS = frozenset(
+    {"transcript_ready", "transcript_failed", "transcription.completed", "transcription.failed"}
+)
+KINDS = ("xosum", "aitronos")
+_LITERAL = "<literal>"
+_MASK = "********"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>[0-9]{1,5})")
+_HEADER = re.compile(r"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*:\s*|\s+)?(?P<prefix>\S*)")
+_T = TypeVar("_T")
+
+
+class ConfigError(Exception):
+    """The config is unusable; `problems` lists every problem, each naming its TOML path."""
+
+    def __init__(self, problems: str | Iterable[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Secret:
+    reference: str  # as written ("env:NAME", "file:/x", "credential:NAME"), or "<literal>"
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return _MASK if self.reference == _LITERAL else self.reference
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str
+    api_key: Secret
+    rate_limit: int
+    rate_window: float
+    poll_interval: float
+    max_job_age: float
+    webhook_secret: Secret | None
+    link_template: str
+    endpoints: tuple[str, ...]
+    timeout: float  # one upstream request
+    auth_header: str  # "Name: Prefix" sends "Prefix <key>"; "Name" alone sends the bare key
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    name: str
+    url: str
+    timeout: float
+    events: tuple[str, ...]
+    signing_secrets: tuple[Secret, ...]  # several during a key rotation
+    max_attempts: int
+    retry_initial: float
+    retry_max: float
+    max_in_flight: int
+
+
+@dataclass(frozen=True)
+class HttpListen:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    spool_dir: Path
+    socket: Path | None
+    http: HttpListen | None
+    api_token: Secret | None
+    shared_budget: str
+    default_provider: str
+    log_level: str
+    log_format: str
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    providers: Mapping[str, ProviderConfig]
+    endpoints: Mapping[str, EndpointConfig]
+    path: Path | None = None
+
+    def provider_for(self, name: str | None) -> ProviderConfig | None:
+        """name, else default_provider, else the only provider; None if ambiguous/unknown."""
+        chosen = name or self.settings.default_provider
+        if chosen:
+            return self.providers.get(chosen)
+        if len(self.providers) == 1:
+            return next(iter(self.providers.values()))
+        return None
+
+
+# ---- value converters: return the value or raise ValueError (never quoting a secret) ----
+
+
+def _type(value: object) -> str:
+    return type(value).__name__
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string like "500ms", "7s", "1.5m", "24h"; > 0."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(
+                f"invalid duration {value!r}: use seconds or <number><unit>, unit ms, s, m or h"
+            )
+        seconds = float(match[1]) * _UNITS[match[2]]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"expected a duration (seconds or a string like '7s'), got {_type(value)}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be > 0, got {value!r}")
+    return seconds
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type(value)}")
+    return value
+
+
+def _nonempty(value: object) -> str:
+    if not _str(value):
+        raise ValueError("must not be empty")
+    return str(value)
+
+
+def _int_at_least(minimum: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_type(value)}")
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = _str(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {' | '.join(choices)}, got {value!r}")
+        return text
+
+    return convert
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of strings, got {_type(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"expected an array of strings; item {index} is {_type(item)}")
+    if not value:
+        raise ValueError("must not be empty")
+    return tuple(dict.fromkeys(value))  # drop repeats, keep order
+
+
+def _events(value: object) -> tuple[str, ...]:
+    events = _str_list(value)
+    unknown = [e for e in events if e not in EVENTS]
+    if unknown:
+        raise ValueError(f"unknown event {unknown[0]!r} (known: {', '.join(sorted(EVENTS))})")
+    return events
+
+
+def _url(value: object) -> str:
+    text = _nonempty(value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected an http:// or https:// URL, got scheme {parts.scheme!r}")
+    if not parts.hostname or any(c.isspace() for c in text):
+        raise ValueError("invalid URL: it needs a host and no spaces")
+    return text
+
+
+def _budget_url(value: object) -> str:
+    text = _str(value)
+    parts = urlsplit(text)
+    if not text or (parts.scheme in ("redis", "rediss") and parts.hostname):
+        return text
+    if parts.scheme == "unix" and parts.path:
+        return text
+    raise ValueError('expected "", redis://host:port/db, rediss://… or unix:///path')
+
+
+def _listen(value: object) -> HttpListen | None:
+    text = _str(value)
+    if not text:
+        return None
+    match = _LISTEN.fullmatch(text)
+    if match is None or int(match["port"]) > 65535:
+        raise ValueError(f'expected "host:port" or "[v6addr]:port", port 0..65535, got {text!r}')
+    if match["v6"]:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {match['v6']!r}") from None
+    return HttpListen(match["v6"] or match["host"], int(match["port"]))
+
+
+def _auth_header(value: object) -> str:
+    match = _HEADER.fullmatch(_str(value).strip())
+    if match is None:
+        raise ValueError(f'expected "Header-Name: Prefix" or "Header-Name", got {value!r}')
+    return f"{match['name']}: {match['prefix']}" if match["prefix"] else match["name"]
+
+
+def _read_secret(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read secret file {file}: {reason}") from None
+
+
+def _toml_key(name: str) -> str:
+    return name if _NAME.fullmatch(name) else json.dumps(name)
+
+
+# ---- tables: typed lookups that record problems under the table's path ----
+
+
+class _Parser:
+    """Holds what every table needs: where relative paths start, the environment, the problems."""
+
+    def __init__(self, base_dir: Path, env: Mapping[str, str]) -> None:
+        self.base_dir, self.env = base_dir, env
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def path(self, value: object) -> Path:
+        return self.base_dir / _nonempty(value)
+
+    def secret(self, where: str, value: object) -> Secret:
+        """Resolve env:/file:/credential:, or accept a literal with a warning."""
+        text = _nonempty(value)
+        scheme, colon, rest = text.partition(":")
+        if colon and scheme == "env":
+            if rest not in self.env:
+                raise ValueError(f"environment variable {rest or '(empty name)'} is not set")
+            resolved = self.env[rest]
+        elif colon and scheme == "file":
+            resolved = _read_secret(self.base_dir / rest)
+        elif colon and scheme == "credential":
+            directory = self.env.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ValueError(f"{text} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+            if not rest or "/" in rest or rest in (".", ".."):
+                raise ValueError(f"invalid credential name {rest!r}")
+            resolved = _read_secret(Path(directory) / rest)
+        else:
+            log.warning("%s: secret written literally; prefer env:, file: or credential:", where)
+            return Secret(_LITERAL, text)
+        if not resolved:
+            raise ValueError(f"{text} is empty")
+        return Secret(text, resolved)
+
+    def tables(self, where: str, value: object) -> Iterator[tuple[str, object]]:
+        if not isinstance(value, Mapping):
+            self.problem(where, f"expected a table, got {_type(value)}")
+            return
+        for name, sub in value.items():
+            if not _NAME.fullmatch(name):
+                self.problem(f"{where}.{_toml_key(name)}", "invalid name; use A-Z a-z 0-9 _ -")
+            yield name, sub
+
+
+class _Table:
+    """One TOML table being read; unknown keys are refused on sight."""
+
+    def __init__(self, parser: _Parser, path: str, data: object, keys: Collection[str]) -> None:
+        self.parser, self.path = parser, path
+        self.valid = isinstance(data, Mapping)  # if not, say so once, not once per missing key
+        if not isinstance(data, Mapping):
+            parser.problem(path, f"expected a table, got {_type(data)}")
+            data = {}
+        self.data: Mapping[str, Any] = data
+        for key in data:
+            if key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                parser.problem(self.at(key), f"unknown key{hint}")
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{_toml_key(key)}" if self.path else _toml_key(key)
+
+    def take(
+        self, key: str, convert: Callable[[Any], _T], default: _T, required: bool = False
+    ) -> _T:
+        if key not in self.data:
+            if required and self.valid:
+                self.parser.problem(self.at(key), "missing (required)")
+            return default
+        try:
+            return convert(self.data[key])
+        except ValueError as exc:
+            self.parser.problem(self.at(key), str(exc))
+            return default
+
+    def secret(self, key: str, required: bool = False) -> Secret | None:
+        """A secret reference or literal; "" means none, which a required key refuses."""
+        if self.data.get(key) == "" and not required:
+            return None
+        return self.take(key, lambda v: self.parser.secret(self.at(key), v), None, required)
+
+
+def _keys(cls: type[Settings | ProviderConfig | EndpointConfig]) -> tuple[str, ...]:
+    """The TOML keys of a table: its dataclass fields (`signing_secrets` is read from the
+    singular key, which holds one or more secrets)."""
+    return tuple(f.name.replace("_secrets", "_secret") for f in fields(cls) if f.name != "name")
+
+
+_SETTINGS_KEYS = _keys(Settings)
+_PROVIDER_KEYS = _keys(ProviderConfig)
+_ENDPOINT_KEYS = _keys(EndpointConfig)
+_NO_SECRET = Secret("", "")
+_DEFAULT_HTTP: HttpListen | None = HttpListen("127.0.0.1", 8787)
+
+
+def _settings(p: _Parser, data: object) -> Settings:
+    t = _Table(p, "relayd", data, _SETTINGS_KEYS)
+    socket = t.take("socket", _str, "/run/relayd/relayd.sock")
+    return Settings(
+        state_dir=t.take("state_dir", p.path, Path("/var/lib/relayd")),
+        spool_dir=t.take("spool_dir", p.path, Path("/var/spool/relayd")),
+        socket=p.path(socket) if socket else None,
+        http=t.take("http", _listen, _DEFAULT_HTTP),
+        api_token=t.secret("api_token"),
+        shared_budget=t.take("shared_budget", _budget_url, ""),
+        default_provider=t.take("default_provider", _str, ""),
+        log_level=t.take("log_level", _choice("debug", "info", "warning", "error"), "info"),
+        log_format=t.take("log_format", _choice("text", "json"), "text"),
+    )
+
+
+def _endpoint(p: _Parser, name: str, data: object) -> EndpointConfig:
+    t = _Table(p, f"endpoints.{_toml_key(name)}", data, _ENDPOINT_KEYS)
+
+    def signing(value: object) -> tuple[Secret, ...]:
+        if value == "":
+            return ()
+        secret = p.secret(t.at("signing_secret"), value)
+        parts = secret.value.split()
+        for index, part in enumerate(parts, 1):
+            try:
+                ok = part.startswith("whsec_") and bool(base64.b64decode(part[6:], validate=True))
+            except binascii.Error:
+                ok = False
+            if not ok:
+                raise ValueError(f"secret {index} of {len(parts)} is not 'whsec_' + base64")
+        return tuple(Secret(secret.reference, part) for part in parts)
+
+    initial = t.take("retry_initial", parse_duration, 1.0)
+    maximum = t.take("retry_max", parse_duration, 600.0)
+    if maximum < initial:
+        p.problem(t.at("retry_max"), f"must be >= retry_initial ({_format_duration(initial)})")
+    return EndpointConfig(
+        name=name,
+        url=t.take("url", _url, "", required=True),
+        timeout=t.take("timeout", parse_duration, 10.0),
+        events=t.take("events", _events, ("transcript_ready", "transcription.completed")),
+        signing_secrets=t.take("signing_secret", signing, ()),
+        max_attempts=t.take("max_attempts", _int_at_least(1), 15),
+        retry_initial=initial,
+        retry_max=maximum,
+        max_in_flight=t.take("max_in_flight", _int_at_least(1), 8),
+    )
+
+
+def _provider(p: _Parser, name: str, data: object, endpoints: Collection[str]) -> ProviderConfig:
+    t = _Table(p, f"providers.{_toml_key(name)}", data, _PROVIDER_KEYS)
+    names: tuple[str, ...] = t.take("endpoints", _str_list, (), required=True)
+    for index, endpoint in enumerate(names):
+        if endpoint not in endpoints:
+            p.problem(f"{t.at('endpoints')}[{index}]", f"no endpoint named {endpoint!r}")
+    return ProviderConfig(
+        name=name,
+        kind=t.take("kind", _choice(*KINDS), "", required=True),
+        base_url=t.take("base_url", _url, "", required=True).rstrip("/"),
+        api_key=t.secret("api_key", required=True) or _NO_SECRET,
+        rate_limit=t.take("rate_limit", _int_at_least(1), 60),
+        rate_window=t.take("rate_window", parse_duration, 60.0),
+        poll_interval=t.take("poll_interval", parse_duration, 7.0),
+        max_job_age=t.take("max_job_age", parse_duration, 86400.0),
+        webhook_secret=t.secret("webhook_secret"),
+        link_template=t.take("link_template", _str, ""),
+        endpoints=names,
+        timeout=t.take("timeout", parse_duration, 30.0),
+        auth_header=t.take("auth_header", _auth_header, "Authorization: Bearer"),
+    )
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    env: Mapping[str, str] = os.environ,
+    path: Path | None = None,
+) -> Config:
+    """Check a parsed TOML document; raise ConfigError listing every problem found."""
+    p = _Parser(base_dir, env)
+    top = _Table(p, "", data, ("relayd", "providers", "endpoints"))
+    settings = _settings(p, top.data.get("relayd", {}))
+    endpoints = {
+        name: _endpoint(p, name, sub)
+        for name, sub in p.tables("endpoints", top.data.get("endpoints", {}))
+    }
+    providers = {
+        name: _provider(p, name, sub, endpoints)
+        for name, sub in p.tables("providers", top.data.get("providers", {}))
+    }
+    if not providers and isinstance(top.data.get("providers", {}), Mapping):
+        p.problem("providers", "at least one [providers.NAME] table is required")
+    if settings.default_provider and settings.default_provider not in providers:
+        p.problem("relayd.default_provider", f"no provider named {settings.default_provider!r}")
+    if p.problems:
+        raise ConfigError(p.problems)
+    return Config(settings, MappingProxyType(providers), MappingProxyType(endpoints), path)
+
+
+def resolve_config_path(arg: str | None, env: Mapping[str, str] = os.environ) -> Path:
+    """`-c FILE`, else $RELAYD_CONFIG, else /etc/relayd/relayd.toml."""
+    return Path(arg or env.get("RELAYD_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
+    """Read and check a config file; relative paths in it start at the file's folder."""
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(data, base_dir=path.absolute().parent, env=env, path=path)
+
+
+# ---- rendering ----
+
+
+def _format_duration(seconds: float) -> str:
+    for unit, factor in _UNITS.items():
+        count = seconds / factor
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    unit, count = ("s", seconds) if seconds >= 1 else ("ms", seconds * 1000)
+    return f"{count:.9f}".rstrip("0").rstrip(".") + unit
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{_MASK}@{host}"))
+
+
+def _masked(secrets: tuple[Secret, ...]) -> str:
+    shown: list[str] = []
+    for secret in secrets:  # one reference may hold several rotated secrets: show it once
+        if str(secret) not in shown or secret.reference == _LITERAL:
+            shown.append(str(secret))
+    return " ".join(shown)
+
+
+def _plain(key: str, value: object) -> object:
+    """One config value as TOML shows it; every float in the config is a duration."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return _format_duration(value)
+    if isinstance(value, HttpListen):
+        host = f"[{value.host}]" if ":" in value.host else value.host
+        return f"{host}:{value.port}"
+    if isinstance(value, tuple):
+        return _masked(value) if key == "signing_secret" else list(value)
+    if key in ("url", "base_url", "shared_budget"):
+        return _mask_url(str(value))
+    return value if isinstance(value, int | str) else str(value)  # Path, Secret (masked)
+
+
+def _plain_table(obj: Settings | ProviderConfig | EndpointConfig) -> dict[str, object]:
+    values = (getattr(obj, f.name) for f in fields(obj) if f.name != "name")
+    return {key: _plain(key, value) for key, value in zip(_keys(type(obj)), values, strict=True)}
+
+
+def render_effective(config: Config) -> str:
+    """The effective config as TOML: every key with its value, secrets masked."""
+    doc = {
+        "relayd": _plain_table(config.settings),
+        "providers": {name: _plain_table(pc) for name, pc in config.providers.items()},
+        "endpoints": {name: _plain_table(ec) for name, ec in config.endpoints.items()},
+    }
+    source = f" from {config.path}" if config.path else ""
+    return f"# relayd effective configuration{source}; secrets masked\n\n{tomli_w.dumps(doc)}"
+
+
+_STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
+    ("relayd", (
+        ("state_dir", "./state", "SQLite database relayd.db lives here (relative to this file)"),
+        ("spool_dir", "./spool", "drop files here to submit job ids"),
+        ("socket", "./relayd.sock", 'HTTP API on a unix socket; "" disables'),
+        ("http", "127.0.0.1:8787", 'same API plus /metrics and /healthz on TCP; "" disables'),
+        ("api_token", "", 'if set, the TCP API requires "Authorization: Bearer <token>"'),
+        ("shared_budget", "", '"redis://host:6379/0": one budget for every relayd on a key'),
+        ("default_provider", "", 'provider for submissions naming none ("" = the only one)'),
+        ("log_level", "info", "debug | info | warning | error"),
+        ("log_format", "text", "text | json"),
+    )),
+    ("providers.main", (
+        ("kind", "xosum", "xosum | aitronos"),
+        ("base_url", "https://app.xosum.am", "the provider's API root"),
+        ("api_key", "env:XOSUM_API_KEY", "env:NAME, file:/path or credential:NAME"),
+        ("rate_limit", 60, "requests per window for this key"),
+        ("rate_window", "60s", "fixed window, aligned to the wall clock"),
+        ("poll_interval", "7s", "target time between two polls of one job"),
+        ("max_job_age", "24h", "stop polling a job this long after it was submitted"),
+        ("webhook_secret", "", 'xosum: sent as `secret`; e.g. "env:XOSUM_WEBHOOK_SECRET"'),
+        ("link_template", "", 'xosum: e.g. "https://app.xosum.am/…/{docId}" fills `link`'),
+        ("endpoints", ["app"], "where finished jobs of this provider go"),
+        ("timeout", "30s", "limit on one request to the provider"),
+        ("auth_header", "Authorization: Bearer", '"Header: Prefix" sends "Prefix <key>"'),
+    )),
+    ("endpoints.app", (
+        ("url", "http://127.0.0.1:8080/webhooks/xosum", "your existing webhook receiver"),
+        ("timeout", "10s", "limit on one POST"),
+        ("events", ["transcript_ready", "transcription.completed"],
+         'add "transcript_failed" / "transcription.failed" to hear about failed jobs'),
+        ("signing_secret", "", '"whsec_…" adds Standard Webhooks signature headers'),
+        ("max_attempts", 15, "then the delivery is dead (relayd redeliver sends it again)"),
+        ("retry_initial", "1s", "first retry delay; grows exponentially with jitter"),
+        ("retry_max", "10m", "cap on one retry delay"),
+        ("max_in_flight", 8, "concurrent POSTs to this endpoint"),
+    )),
+)  # fmt: skip
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
+
+
+def starter_config() -> str:
+    """The commented starter config written by `relayd init`."""
+    lines = ["# relayd configuration: see config.example.toml for every key explained.", ""]
+    for table, keys in _STARTER:
+        lines.append(f"[{table}]")
+        for key, value, comment in keys:
+            assignment = f"{key} = {_toml_value(value)}"
+            line = f"{assignment:<40}  # {comment}"
+            lines += [line] if len(line) <= 100 else [f"# {comment}", assignment]
+        lines.append("")
+    return "\n".join(lines)

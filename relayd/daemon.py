@@ -1,0 +1,352 @@
+"""Composition root: builds every part from the config, runs the loops in one task group, and
+shuts down in order (stop intake, stop polling, let POSTs finish, close servers, session, store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relayd import __version__
+from relayd.admin import make_app
+from relayd.clock import Clock, SystemClock
+from relayd.config import Config, ConfigError, load_config
+from relayd.delivery import Deliverer
+from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.spool import Spool, Watch, watch_directory
+from relayd.metrics import Metrics
+from relayd.poller import Poller
+from relayd.providers.base import Provider
+from relayd.providers.xosum import XosumProvider
+from relayd.sdnotify import Notifier
+from relayd.store import Job, JobState, Store, StoreError
+
+log = logging.getLogger("relayd.daemon")
+
+DRAIN_SECONDS = 10.0
+
+
+def build_providers(config: Config) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, pc in config.providers.items():
+        if pc.kind == "xosum":
+            providers[name] = XosumProvider(pc)
+        else:
+            log.error("provider kind %r is not supported yet: its jobs wait", pc.kind)
+    return providers
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        watch: Watch = watch_directory,
+        notifier: Notifier | None = None,
+        drain_seconds: float = DRAIN_SECONDS,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.drain_seconds = drain_seconds
+        self._watch = watch
+        self.ready = asyncio.Event()
+        self.draining = False
+        self.started_at = time.time()
+        self._catalog = self._make_catalog(config)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        # built in serve(), once there is a running loop
+        self.store: Store
+        self.poller: Poller
+        self.deliverer: Deliverer
+        self.spool: Spool
+
+    # -- intake (one path for spool and API) ----------------------------------------------------
+
+    @staticmethod
+    def _make_catalog(config: Config) -> Catalog:
+        default = config.provider_for(None)
+        return Catalog(
+            providers=frozenset(config.providers),
+            endpoints=frozenset(config.endpoints),
+            default_provider=default.name if default else None,
+        )
+
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    def accept(self, subs: Sequence[Submission], source: str) -> list[tuple[Job, bool]]:
+        """Store submissions (one transaction), then schedule the new ones. Raises StoreError."""
+        stored = self.store.add_jobs(subs, source=source, now=self.clock.time())
+        for job, created in stored:
+            if created:
+                self.poller.add(job)
+        self.metrics.intake.labels(source, "accepted").inc(len(subs))
+        return stored
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
+        config = self.config
+        settings = config.settings
+        self.store = Store(settings.state_dir / "relayd.db")
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
+        )
+        self.deliverer = Deliverer(
+            config=config, store=self.store, session=session, clock=self.clock, metrics=self.metrics
+        )
+        self.poller = Poller(
+            config=config,
+            store=self.store,
+            providers=build_providers(config),
+            session=session,
+            clock=self.clock,
+            metrics=self.metrics,
+            on_finished=self.deliverer.wake,
+        )
+        self.metrics.gauges.jobs = self._job_gauge
+        self.metrics.gauges.budget_used = self.poller.budget_used
+        self.spool = Spool(
+            settings.spool_dir,
+            catalog=self.catalog,
+            accept=self.accept,
+            on_result=lambda outcome: self.metrics.intake.labels("spool", outcome).inc(),
+            watch=self._watch,
+        )
+        runners: list[web.AppRunner] = []
+        try:
+            recovered = self.poller.load()
+            self.spool.prepare()
+            self.spool.scan()
+            runners = await self._start_api()
+            async with asyncio.TaskGroup() as tg:
+                for name, coro in (
+                    ("poller", self.poller.run()),
+                    ("deliverer", self.deliverer.run()),
+                    ("spool", self.spool.run()),
+                    ("watchdog", self._watchdog()),
+                ):
+                    self._tasks[name] = tg.create_task(coro, name=name)
+                self.ready.set()
+                log.info(
+                    "relayd %s ready: %d job(s) in flight, %d provider(s), %d endpoint(s)",
+                    __version__,
+                    recovered,
+                    len(config.providers),
+                    len(config.endpoints),
+                )
+                self.notifier.notify(f"READY=1\nSTATUS=serving, {recovered} job(s) in flight")
+                await self._wait_for_stop(shutdown_trigger)
+                await self._shutdown()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            await session.close()
+            self.store.close()
+            if settings.socket is not None:
+                with contextlib.suppress(OSError):
+                    settings.socket.unlink()
+        log.info("relayd stopped")
+
+    async def _wait_for_stop(self, trigger: Callable[[], Awaitable[object]] | None) -> None:
+        if trigger is None:
+            await self._stop.wait()
+            return
+        waiters = [asyncio.ensure_future(trigger()), asyncio.ensure_future(self._stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.draining = True
+        self.notifier.notify("STOPPING=1\nSTATUS=draining")
+        self.spool.stop()
+        self.poller.stop()
+        self.deliverer.stop()
+        cut = await self.deliverer.drain(self.drain_seconds)
+        tasks = list(self._tasks.values())
+        _, pending = await asyncio.wait(tasks, timeout=self.drain_seconds)
+        for task in pending:
+            task.cancel()
+        self._tasks["watchdog"].cancel()
+        counts = self.store.job_counts()
+        in_flight = sum(c.get(JobState.POLLING, 0) for c in counts.values())
+        pending_deliveries = sum(c.get("pending", 0) for c in self.store.delivery_counts().values())
+        log.info(
+            "shutting down: %d job(s) still polling, %d delivery(ies) pending, %d POST(s) cut off",
+            in_flight,
+            pending_deliveries,
+            cut,
+        )
+
+    async def _start_api(self) -> list[web.AppRunner]:
+        settings = self.config.settings
+        runners = []
+        if settings.socket is not None:
+            path = settings.socket
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_socket(path)
+            runner = web.AppRunner(make_app(self), access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.UnixSite(runner, str(path)).start()
+            os.chmod(path, 0o660)
+        if settings.http is not None:
+            token = settings.api_token.value if settings.api_token else None
+            runner = web.AppRunner(make_app(self, token=token), access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            site = web.TCPSite(runner, settings.http.host, settings.http.port)
+            await site.start()
+            self.http_port = _bound_port(runner)
+        return runners
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself, so a wedged loop stops the pings."""
+        interval = self.notifier.watchdog_interval
+        while True:
+            await asyncio.sleep(interval or 5.0)
+            if self.health_problem() is None:
+                self.notifier.notify("WATCHDOG=1")
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def health_problem(self) -> str | None:
+        for name, task in self._tasks.items():
+            if task.done() and not self.draining:
+                return f"loop {name} has stopped"
+        return None
+
+    def _job_gauge(self) -> dict[str, int]:
+        totals: dict[str, int] = dict.fromkeys(JobState, 0)
+        with contextlib.suppress(StoreError, Exception):
+            for counts in self.store.job_counts().values():
+                for state, n in counts.items():
+                    totals[state] = totals.get(state, 0) + n
+        return totals
+
+    def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None:
+        return job_detail(self.store, provider, doc_id)
+
+    def status(self) -> dict[str, Any]:
+        info = status_from_store(self.store, self.config, self.clock.time())
+        budgets = self.poller.status()
+        for name, entry in info["providers"].items():
+            entry["budget"] = budgets.get(name)
+        for name, entry in info["endpoints"].items():
+            state = self.deliverer.endpoints.get(name)
+            entry["in_flight"] = len(state.in_flight) if state else 0
+            entry["probing"] = bool(state and state.probing)
+        info["running"] = True
+        info["version"] = __version__
+        info["uptime"] = round(time.time() - self.started_at, 3)
+        info["intake_error"] = self.spool.error
+        return info
+
+
+def job_detail(store: Store, provider: str, doc_id: str) -> dict[str, Any] | None:
+    job = store.get_job(provider, doc_id)
+    if job is None:
+        return None
+    deliveries = []
+    for d in store.deliveries_for(job.id):
+        deliveries.append({**d.as_dict(), "history": store.attempts_for(d.id)})
+    return {"job": job.as_dict(), "polls": store.polls_for(job.id), "deliveries": deliveries}
+
+
+def status_from_store(store: Store, config: Config, now: float) -> dict[str, Any]:
+    """Everything `relayd status` shows that the database alone can tell."""
+    counts = store.job_counts()
+    oldest = store.oldest_polling()
+    deliveries = store.delivery_counts()
+    providers = {}
+    for name in sorted(set(config.providers) | set(counts)):
+        since = oldest.get(name)
+        providers[name] = {
+            "kind": config.providers[name].kind if name in config.providers else None,
+            "jobs": counts.get(name, {}),
+            "oldest_waiting_seconds": round(now - since, 3) if since is not None else None,
+        }
+    endpoints = {}
+    for name in sorted(set(config.endpoints) | set(deliveries)):
+        c = deliveries.get(name, {})
+        endpoints[name] = {
+            "pending": c.get("pending", 0),
+            "dead": c.get("dead", 0),
+            "delivered": c.get("delivered", 0),
+        }
+    return {"providers": providers, "endpoints": endpoints}
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left over from a crash
+    else:
+        raise RuntimeError(f"{path}: another relayd is listening on this socket")
+    finally:
+        probe.close()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return 0
+
+
+async def run(
+    config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or `shutdown_trigger`); SIGHUP re-reads the config."""
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    installed = []
+    if shutdown_trigger is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+            installed.append(sig)
+        if config.path is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload(daemon))
+            installed.append(signal.SIGHUP)
+    try:
+        await daemon.serve(shutdown_trigger)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _reload(daemon: Daemon) -> None:
+    path = daemon.config.path
+    assert path is not None
+    try:
+        new = load_config(path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running config:\n%s", exc)
+        return
+    log.warning("SIGHUP: config re-read; restart relayd to apply provider/endpoint changes")
+    del new

@@ -1,0 +1,252 @@
+"""Delivery: POST each finished job's body to its endpoints, at least once, with retries.
+
+The store is the queue: a delivery is `pending` until a 2xx is committed. Per endpoint, at most
+`max_in_flight` POSTs at once; once an endpoint fails twice in a row it is probed with one
+delivery at a time (behind an endpoint-wide backoff) until it answers 2xx again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from relayd import __version__
+from relayd.clock import Clock
+from relayd.config import Config, EndpointConfig
+from relayd.metrics import Metrics
+from relayd.retry import backoff, gate_delay, parse_retry_after
+from relayd.signing import decode_secret, sign
+from relayd.store import Delivery, Store, StoreError
+
+log = logging.getLogger("relayd.delivery")
+
+USER_AGENT = f"relayd/{__version__}"
+PROBE_AFTER_FAILURES = 2
+RECHECK = 1.0  # seconds: pick up changes made to the database by `relayd redeliver`
+MAX_DEFERRAL = 24 * 3600.0
+
+
+@dataclass
+class EndpointState:
+    in_flight: set[int] = field(default_factory=set)
+    failures: int = 0  # consecutive failed attempts
+    gate_until: float = 0.0  # wall time; while probing, no attempt before this
+
+    @property
+    def probing(self) -> bool:
+        return self.failures >= PROBE_AFTER_FAILURES
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int | None
+    error: str | None
+    retry_after: float | None
+
+
+class Deliverer:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        metrics: Metrics,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.session = session
+        self.clock = clock
+        self.metrics = metrics
+        self._rand = rand
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.endpoints: dict[str, EndpointState] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            timeout = RECHECK
+            wall = self.clock.time()
+            for name, endpoint in self.config.endpoints.items():
+                try:
+                    delay = self._dispatch(name, endpoint, wall)
+                except StoreError as exc:
+                    log.error("cannot read deliveries: %s", exc, extra={"endpoint": name})
+                    delay = RECHECK
+                if delay is not None:
+                    timeout = min(timeout, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
+
+    def _dispatch(self, name: str, endpoint: EndpointConfig, wall: float) -> float | None:
+        """Start the due deliveries this endpoint has room for; return when to look again."""
+        state = self.endpoints.setdefault(name, EndpointState())
+        if state.probing:
+            if state.in_flight:
+                return None  # the probe's answer wakes us
+            if wall < state.gate_until:
+                return state.gate_until - wall
+            room = 1
+        else:
+            room = endpoint.max_in_flight - len(state.in_flight)
+            if room <= 0:
+                return None
+        due = self.store.due_deliveries(name, wall, room + len(state.in_flight))
+        started = 0
+        for delivery in due:
+            if started >= room:
+                return 0.0
+            if delivery.id in state.in_flight:
+                continue
+            state.in_flight.add(delivery.id)
+            task = asyncio.create_task(self._attempt(endpoint, state, delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        nxt = self.store.next_delivery_at(name)
+        return None if nxt is None else max(0.0, nxt - wall)
+
+    async def _attempt(self, endpoint: EndpointConfig, state: EndpointState, d: Delivery) -> None:
+        try:
+            started = self.clock.monotonic()
+            outcome = await self._post(endpoint, d)
+            self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
+        except StoreError as exc:
+            log.error("cannot record delivery attempt: %s", exc, extra={"endpoint": endpoint.name})
+        except Exception:
+            log.exception("delivery attempt failed unexpectedly", extra={"endpoint": endpoint.name})
+        finally:
+            state.in_flight.discard(d.id)
+            self.wake()
+
+    async def _post(self, endpoint: EndpointConfig, d: Delivery) -> Outcome:
+        body = d.payload.encode()
+        timestamp = int(self.clock.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": d.webhook_id,
+            "webhook-timestamp": str(timestamp),
+        }
+        if endpoint.signing_secrets:
+            keys = [decode_secret(s.value) for s in endpoint.signing_secrets]
+            headers["webhook-signature"] = sign(keys, d.webhook_id, timestamp, body)
+        try:
+            async with self.session.post(
+                endpoint.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=endpoint.timeout),
+                allow_redirects=False,
+            ) as resp:
+                with contextlib.suppress(aiohttp.ClientError):
+                    await resp.content.read(65536)  # drain a little; the body is not used
+                retry_after = parse_retry_after(
+                    resp.headers.get("Retry-After"), resp.headers.get("Date"), self.clock.time()
+                )
+                error = None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+                return Outcome(resp.status, error, retry_after)
+        except TimeoutError:
+            return Outcome(None, f"timeout after {endpoint.timeout:g}s", None)
+        except (aiohttp.ClientError, OSError) as exc:
+            return Outcome(None, f"{type(exc).__name__}: {exc}".rstrip(": "), None)
+
+    def _record(
+        self,
+        endpoint: EndpointConfig,
+        state: EndpointState,
+        d: Delivery,
+        outcome: Outcome,
+        duration: float,
+    ) -> None:
+        now = self.clock.time()
+        ctx = {"endpoint": endpoint.name, "webhook_id": d.webhook_id}
+        if outcome.error is None:
+            if self.store.record_attempt(
+                d.id,
+                now=now,
+                duration=duration,
+                status=outcome.status,
+                error=None,
+                outcome="delivered",
+            ):
+                self.metrics.deliveries.labels(endpoint.name, "success").inc()
+                self.metrics.delivery_latency.observe(max(0.0, now - d.created_at))
+            if state.probing:
+                log.info("endpoint answers again: draining backlog", extra=ctx)
+            state.failures = 0
+            return
+        state.failures += 1
+        if state.probing:
+            state.gate_until = now + gate_delay(
+                state.failures - PROBE_AFTER_FAILURES + 1,
+                endpoint.retry_initial,
+                endpoint.retry_max,
+                self._rand,
+            )
+        deferral = outcome.status in (429, 503) and outcome.retry_after is not None
+        attempts = d.attempts + (0 if deferral else 1)
+        if not deferral and attempts >= endpoint.max_attempts:
+            if self.store.record_attempt(
+                d.id,
+                now=now,
+                duration=duration,
+                status=outcome.status,
+                error=outcome.error,
+                outcome="dead",
+            ):
+                self.metrics.deliveries.labels(endpoint.name, "dead").inc()
+                log.error("delivery dead after %d attempts: %s", attempts, outcome.error, extra=ctx)
+            return
+        delay = backoff(attempts, endpoint.retry_initial, endpoint.retry_max, self._rand)
+        if outcome.retry_after is not None:
+            delay = max(delay, min(outcome.retry_after, MAX_DEFERRAL))
+        if state.probing:
+            state.gate_until = max(state.gate_until, now + delay)
+        self.store.record_attempt(
+            d.id,
+            now=now,
+            duration=duration,
+            status=outcome.status,
+            error=outcome.error,
+            outcome="deferred" if deferral else "retry",
+            next_attempt_at=now + delay,
+            spend=not deferral,
+        )
+        self.metrics.deliveries.labels(endpoint.name, "retry").inc()
+        log.warning(
+            "delivery failed (attempt %d of %d): %s; next in %.2fs",
+            attempts,
+            endpoint.max_attempts,
+            outcome.error,
+            delay,
+            extra=ctx,
+        )
+
+    async def drain(self, timeout: float) -> int:
+        """Let POSTs in flight finish within `timeout`; return how many were cut off."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return 0
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)

@@ -1,0 +1,442 @@
+"""The poll loop: takes due jobs from each key's schedule while its budget has a slot, polls them,
+and records what came back. One `KeyGroup` per API key; providers sharing a key share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from relayd.budget import Budget, next_window_start
+from relayd.clock import Clock
+from relayd.config import Config, ProviderConfig
+from relayd.metrics import Metrics
+from relayd.providers.base import (
+    Answer,
+    Finished,
+    NotFound,
+    Provider,
+    ProviderError,
+    RateLimited,
+    Retryable,
+    Unauthorized,
+)
+from relayd.retry import parse_retry_after, poll_backoff
+from relayd.scheduler import Schedule
+from relayd.store import Job, JobState, NewDelivery, Store, StoreError
+
+log = logging.getLogger("relayd.poller")
+
+NOT_FOUND_CONFIRMATIONS = 3
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+
+
+def key_id(api_key: str) -> str:
+    """Names a budget without revealing the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+@dataclass
+class KeyGroup:
+    """One API key: its budget, its schedule, and whether the provider has refused the key."""
+
+    key: str
+    budget: Budget
+    providers: list[str]
+    schedule: Schedule = field(default_factory=Schedule)
+    paused_until: float = 0.0  # monotonic; set after 401/403
+    pause_reason: str = ""
+    waiters: int = 0  # requests waiting for a slot outside the schedule (paragraph pages)
+    in_flight: set[int] = field(default_factory=set)
+
+    def can_dispatch(self, now: float) -> bool:
+        if self.pause_reason and (now < self.paused_until or self.in_flight):
+            return False  # while the key is refused, one probe at a time
+        return self.budget.available(now) > self.waiters
+
+
+class Upstream:
+    """The `Http` a provider uses for one poll: every request spends the key's budget."""
+
+    def __init__(self, poller: Poller, group: KeyGroup, provider: ProviderConfig) -> None:
+        self._poller = poller
+        self._group = group
+        self._provider = provider
+
+    async def get(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        prepaid: bool = False,
+    ) -> Answer:
+        poller, group, clock = self._poller, self._group, self._poller.clock
+        if not prepaid:
+            await poller.acquire(group)
+        code = "error"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self._provider.timeout)
+            async with poller.session.get(
+                url, headers=headers, params=params, timeout=timeout, allow_redirects=False
+            ) as resp:
+                code = str(resp.status)
+                chunks, size = [], 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > MAX_ANSWER_BYTES:
+                        raise Retryable(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+                    chunks.append(chunk)
+                answer = Answer(resp.status, dict(resp.headers), b"".join(chunks))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+        finally:
+            group.budget.release(clock.monotonic())
+            poller.metrics.upstream_requests.labels(self._provider.name, code).inc()
+            poller.wake()
+        if answer.status == 429:
+            poller.metrics.rate_limited.labels(self._provider.name).inc()
+            retry_after = parse_retry_after(
+                answer.headers.get("Retry-After"), answer.headers.get("Date"), clock.time()
+            )
+            poller.block(group, self._provider, retry_after)
+            raise RateLimited("HTTP 429", retry_after)
+        return answer
+
+
+class Poller:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        providers: Mapping[str, Provider],
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        metrics: Metrics,
+        on_finished: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.providers = providers
+        self.session = session
+        self.clock = clock
+        self.metrics = metrics
+        self._on_finished = on_finished
+        self._wake = asyncio.Event()
+        self._slot_waiters: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.groups: dict[str, KeyGroup] = {}
+        self.group_of: dict[str, KeyGroup] = {}
+        now = clock.monotonic()
+        for name, pc in config.providers.items():
+            key = key_id(pc.api_key.value)
+            group = self.groups.get(key)
+            if group is None:
+                # two tables with one key: the provider allows the smaller of their limits
+                group = KeyGroup(key, Budget(pc.rate_limit, pc.rate_window, now=now), [])
+                self.groups[key] = group
+            elif (pc.rate_limit / pc.rate_window) < (group.budget.limit / group.budget.window):
+                group.budget = Budget(pc.rate_limit, pc.rate_window, now=now)
+            group.providers.append(name)
+            self.group_of[name] = group
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Schedule every job the store says is still being polled (start-up recovery)."""
+        count = 0
+        for job_id, provider, due in self.store.polling_jobs():
+            group = self.group_of.get(provider)
+            if group is None:
+                log.warning("jobs of provider %r wait: it is not in the config", provider)
+                continue
+            group.schedule.add(job_id, due)
+            count += 1
+        self.wake()
+        return count
+
+    def add(self, job: Job) -> None:
+        """A new job was stored: schedule it (its first poll is due now)."""
+        group = self.group_of.get(job.provider)
+        if group is not None and job.id not in group.in_flight:
+            group.schedule.add(job.id, job.next_poll_at)
+            self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def block(self, group: KeyGroup, provider: ProviderConfig, retry_after: float | None) -> None:
+        now, wall = self.clock.monotonic(), self.clock.time()
+        if retry_after is None:
+            # no Retry-After: wait for the provider's next window, with a guard band for skew
+            retry_after = next_window_start(wall, provider.rate_window) - wall
+            retry_after += min(3.0, provider.rate_window * 0.1)
+        group.budget.block_until(now + retry_after, "429 from provider")
+        log.warning(
+            "rate limited: key paused for %.3fs",
+            retry_after,
+            extra={"provider": provider.name},
+        )
+
+    async def acquire(self, group: KeyGroup) -> None:
+        """Wait for a budget slot outside the schedule (paragraph pages of a finished job)."""
+        group.waiters += 1
+        try:
+            while True:
+                now = self.clock.monotonic()
+                if group.budget.try_acquire(now, wall=self.clock.time()):
+                    return
+                nxt = group.budget.next_free_at(now)
+                freed = asyncio.get_running_loop().create_future()
+                self._slot_waiters.add(freed)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(freed, None if nxt is None else nxt - now)
+                finally:
+                    self._slot_waiters.discard(freed)
+        finally:
+            group.waiters -= 1
+
+    async def run(self) -> None:
+        self.load()
+        expiry_due = 0.0
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                now, wall = self.clock.monotonic(), self.clock.time()
+                if now >= expiry_due:
+                    self._expire(wall)
+                    expiry_due = now + 5.0
+                timeout = expiry_due - now
+                for group in self.groups.values():
+                    self._dispatch(group, now, wall)
+                    delay = self._next_wake(group, now, wall)
+                    if delay is not None:
+                        timeout = min(timeout, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
+        finally:
+            await self.drain()
+
+    def _dispatch(self, group: KeyGroup, now: float, wall: float) -> None:
+        while group.can_dispatch(now):
+            job_id = group.schedule.pop_due(wall)
+            if job_id is None:
+                return
+            group.budget.try_acquire(now, wall=wall)
+            group.in_flight.add(job_id)
+            task = asyncio.create_task(self._poll(group, job_id), name=f"poll-{job_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _next_wake(self, group: KeyGroup, now: float, wall: float) -> float | None:
+        due = group.schedule.next_due()
+        if due is None or group.waiters or (group.pause_reason and group.in_flight):
+            return None  # an answer will wake us
+        delay = max(0.0, due - wall)
+        free = group.budget.next_free_at(now)
+        if free is None:
+            return None  # an answer will wake us
+        delay = max(delay, free - now)
+        if group.pause_reason:
+            delay = max(delay, group.paused_until - now)
+        return delay
+
+    def _expire(self, wall: float) -> None:
+        for name, pc in self.config.providers.items():
+            try:
+                for job in self.store.expire_jobs(name, wall - pc.max_job_age, wall):
+                    log.warning("job expired", extra={"provider": name, "job": job.doc_id})
+            except StoreError as exc:
+                log.error("cannot expire jobs: %s", exc, extra={"provider": name})
+
+    # -- one poll -------------------------------------------------------------------------------
+
+    async def _poll(self, group: KeyGroup, job_id: int) -> None:
+        due: float | None = None
+        try:
+            due = await self._poll_once(group, job_id)
+        except StoreError as exc:
+            log.error("cannot record poll: %s", exc, extra={"job_id": job_id})
+            due = self.clock.time() + 1.0
+        except Exception:
+            log.exception("poll failed unexpectedly", extra={"job_id": job_id})
+            due = self.clock.time() + 1.0
+        finally:
+            group.in_flight.discard(job_id)
+            if due is not None and not self._stopping:
+                group.schedule.add(job_id, due)
+            self.wake()
+
+    async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
+        """Poll one job (a slot is already taken); return when it is due again, or None."""
+        wall = self.clock.time()
+        job = self.store.job_by_id(job_id)
+        provider = self.providers.get(job.provider) if job else None
+        if job is None or job.state != JobState.POLLING or provider is None:
+            group.budget.unused()
+            return None  # cancelled, or finished elsewhere
+        pc = self.config.providers[job.provider]
+        ctx = {"provider": job.provider, "job": job.doc_id}
+        if wall - job.submitted_at >= pc.max_job_age:
+            group.budget.unused()
+            self.store.end_job(job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed")
+            log.warning("job expired", extra=ctx)
+            return None
+        try:
+            outcome = await provider.poll(job, Upstream(self, group, pc))
+        except RateLimited:
+            return job.next_poll_at  # keeps its place in line
+        except Unauthorized as exc:
+            self._pause(group, pc, str(exc))
+            return job.next_poll_at
+        except NotFound as exc:
+            now = self.clock.time()
+            if job.not_found + 1 >= NOT_FOUND_CONFIRMATIONS:
+                self.store.end_job(job.id, JobState.UNKNOWN, now=now, detail=str(exc))
+                log.warning("job unknown to the provider", extra=ctx)
+                return None
+            due = now + pc.poll_interval
+            self._record(job, now, 404, "not_found", str(exc), due, job.errors, job.not_found + 1)
+            return due
+        except ProviderError as exc:
+            return self._failed_poll(job, pc, exc, ctx)
+        self._resume(group, pc)
+        now = self.clock.time()
+        if isinstance(outcome, Finished):
+            self._finish(job, pc, outcome, now)
+            return None
+        interval = max(pc.poll_interval, outcome.min_interval or 0.0)
+        due = now + interval
+        self._record(
+            job, now, outcome.http_status, "pending", None, due, 0, 0, outcome.status, outcome.etag
+        )
+        return due
+
+    def _failed_poll(
+        self, job: Job, pc: ProviderConfig, exc: ProviderError, ctx: dict[str, str]
+    ) -> float | None:
+        now = self.clock.time()
+        errors = job.errors + 1
+        due = now + poll_backoff(errors, pc.poll_interval)
+        log.warning("poll failed (%d in a row): %s", errors, exc, extra=ctx)
+        self._record(job, now, None, "error", str(exc), due, errors, job.not_found)
+        return due
+
+    def _record(
+        self,
+        job: Job,
+        now: float,
+        http_status: int | None,
+        outcome: str,
+        detail: str | None,
+        due: float,
+        errors: int,
+        not_found: int,
+        status: str | None = None,
+        etag: str | None = None,
+    ) -> None:
+        self.store.record_poll(
+            job.id,
+            now=now,
+            http_status=http_status,
+            outcome=outcome,
+            detail=detail,
+            next_poll_at=due,
+            errors=errors,
+            not_found=not_found,
+            last_status=status,
+            etag=etag,
+        )
+
+    def _finish(self, job: Job, pc: ProviderConfig, outcome: Finished, now: float) -> None:
+        targets = job.endpoints if job.endpoints is not None else pc.endpoints
+        deliveries = []
+        for event in outcome.events:
+            body = json.dumps(event.payload, ensure_ascii=False)
+            for name in targets:
+                endpoint = self.config.endpoints.get(name)
+                if endpoint is not None and event.name in endpoint.events:
+                    deliveries.append(NewDelivery(name, event.name, body))
+        self.store.finish_job(
+            job.id,
+            now=now,
+            result_status=outcome.status,
+            result=outcome.result,
+            deliveries=deliveries,
+            http_status=outcome.http_status,
+            detail=f"{len(deliveries)} deliveries",
+        )
+        log.info(
+            "job %s: %d deliveries",
+            outcome.status,
+            len(deliveries),
+            extra={"provider": job.provider, "job": job.doc_id},
+        )
+        if deliveries:
+            self._on_finished()
+
+    def _pause(self, group: KeyGroup, pc: ProviderConfig, reason: str) -> None:
+        probe_after = max(pc.rate_window, min(60.0, pc.poll_interval * 4))
+        if not group.pause_reason:
+            log.error(
+                "API KEY REFUSED (%s): jobs on this key are paused; probing every %.1fs",
+                reason,
+                probe_after,
+                extra={"provider": pc.name},
+            )
+        group.pause_reason = reason
+        group.paused_until = self.clock.monotonic() + probe_after
+
+    def _resume(self, group: KeyGroup, pc: ProviderConfig) -> None:
+        if group.pause_reason:
+            log.warning("API key accepted again: jobs resume", extra={"provider": pc.name})
+            group.pause_reason = ""
+            group.paused_until = 0.0
+
+    # -- status and shutdown --------------------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        now, wall = self.clock.monotonic(), self.clock.time()
+        out: dict[str, dict[str, Any]] = {}
+        for name, group in self.group_of.items():
+            budget = group.budget
+            out[name] = {
+                "key": group.key,
+                "rate_limit": budget.limit,
+                "rate_window": budget.window,
+                "budget_used": budget.used_in_window(wall),
+                "budget_available": budget.available(now),
+                "in_flight_requests": budget.in_flight,
+                "scheduled": len(group.schedule),
+                "due_now": group.schedule.waiting(wall),
+                "blocked_for": max(0.0, budget.blocked_until() - now),
+                "paused": group.pause_reason or None,
+            }
+        return out
+
+    def budget_used(self) -> dict[str, int]:
+        wall = self.clock.time()
+        return {name: g.budget.used_in_window(wall) for name, g in self.group_of.items()}
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    async def drain(self) -> None:
+        """Let polls in flight finish (their answers are recorded) — the caller bounds the wait."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

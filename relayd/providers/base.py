@@ -1,0 +1,122 @@
+"""What the poll loop needs from a provider, and the errors a provider may raise.
+
+Providers turn one HTTP answer (or a few) into a `Progress` or a `Finished`; they never see
+aiohttp. The `Http` they are given spends the key's budget on every request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relayd.store import Job
+
+
+class ProviderError(Exception):
+    """The poll did not produce an answer about the job."""
+
+
+class Retryable(ProviderError):
+    """5xx, timeout, connection error, garbage body: poll again later with backoff."""
+
+
+class NotFound(ProviderError):
+    """The provider does not know the job (404)."""
+
+
+class Unauthorized(ProviderError):
+    """401/403: the API key is wrong; pause every job on that key."""
+
+
+class RateLimited(ProviderError):
+    """429: the key's budget is closed; `retry_after` seconds (None: until the next window)."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Retryable(f"HTTP {self.status}: body is not JSON ({exc})") from None
+
+
+class Http(Protocol):
+    async def get(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        prepaid: bool = False,
+    ) -> Answer:
+        """GET within the key's budget. `prepaid`: the caller already holds a slot for it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Not finished yet."""
+
+    status: str
+    http_status: int
+    etag: str | None = None
+    min_interval: float | None = None  # do not poll this job again sooner (Cache-Control)
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A terminal status, with the events it produces (one per event type)."""
+
+    status: str
+    http_status: int
+    result: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    name: str
+    kind: str
+
+    async def poll(self, job: Job, http: Http) -> Progress | Finished:
+        """Ask about one job. The first request is prepaid. Raises ProviderError subclasses."""
+        ...
+
+
+def classify(answer: Answer, what: str) -> None:
+    """Raise the matching ProviderError for an answer that is not a usable 2xx/304."""
+    status = answer.status
+    if status in (401, 403):
+        raise Unauthorized(f"HTTP {status} for {what}: check the API key")
+    if status == 404:
+        raise NotFound(f"HTTP 404 for {what}")
+    if not 200 <= status < 300 and status != 304:
+        raise Retryable(f"HTTP {status} for {what}: {snippet(answer.body)}")
+
+
+def auth_headers(auth_header: str, api_key: str) -> dict[str, str]:
+    """`Authorization: Bearer` -> {"Authorization": "Bearer KEY"}; `X-API-Key` -> {"X-API-Key": KEY}."""
+    name, _, prefix = auth_header.partition(":")
+    prefix = prefix.strip()
+    return {name.strip(): f"{prefix} {api_key}" if prefix else api_key}
+
+
+def snippet(body: bytes, limit: int = 200) -> str:
+    text = body[:limit].decode("utf-8", "replace").replace("\n", " ")
+    return text + ("..." if len(body) > limit else "")

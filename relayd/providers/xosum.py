@@ -1,0 +1,90 @@
+"""Xosum: poll `getTranscription` and rebuild the body of Xosum's own webhook from the answer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from relayd.config import ProviderConfig
+from relayd.providers.base import (
+    Event,
+    Finished,
+    Http,
+    Progress,
+    Retryable,
+    auth_headers,
+    classify,
+)
+from relayd.store import Job
+
+log = logging.getLogger("relayd.providers.xosum")
+
+TERMINAL = frozenset({"transcribed", "failed"})
+EXTRA_FIELDS = ("languageCode", "type", "duration", "createdAt")
+
+
+class XosumProvider:
+    kind = "xosum"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self._config = config
+        self._url = f"{config.base_url}/api/getTranscription"
+        self._headers = auth_headers(config.auth_header, config.api_key.value)
+
+    async def poll(self, job: Job, http: Http) -> Progress | Finished:
+        answer = await http.get(
+            self._url, params={"docId": job.doc_id}, headers=self._headers, prepaid=True
+        )
+        classify(answer, f"docId {job.doc_id}")
+        doc = answer.json()
+        if isinstance(doc, dict) and "status" not in doc and isinstance(doc.get("data"), dict):
+            log.info("xosum answer wrapped in 'data'", extra={"job": job.doc_id})
+            doc = doc["data"]
+        if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
+            raise Retryable(f"answer for {job.doc_id} has no 'status' string")
+        status: str = doc["status"]
+        if status not in TERMINAL:
+            return Progress(status=status, http_status=answer.status)
+        if status == "transcribed":
+            if "transcription" not in doc:
+                raise Retryable(f"answer for {job.doc_id} says transcribed without transcription")
+            event = Event("transcript_ready", self.ready_body(job, doc))
+        else:
+            event = Event("transcript_failed", self.failed_body(job, doc))
+        return Finished(status=status, http_status=answer.status, result=doc, events=[event])
+
+    def _common(self, job: Job, event_type: str, doc: dict[str, Any]) -> dict[str, Any]:
+        secret = self._config.webhook_secret
+        metadata = doc.get("metadata")
+        if job.metadata:
+            metadata = {**(metadata if isinstance(metadata, dict) else {}), **job.metadata}
+        return {
+            "event_type": event_type,
+            "secret": secret.value if secret is not None else None,
+            "docId": job.doc_id,
+            "metadata": metadata,
+        }
+
+    def ready_body(self, job: Job, doc: dict[str, Any]) -> dict[str, Any]:
+        """The fields of Xosum's `transcript_ready` webhook, then the poll's extras as they came."""
+        common = self._common(job, "transcript_ready", doc)
+        template = self._config.link_template
+        body: dict[str, Any] = {
+            "event_type": common["event_type"],
+            "secret": common["secret"],
+            "docId": common["docId"],
+            "transcription": doc.get("transcription"),
+            "metadata": common["metadata"],
+            "title": doc.get("title"),
+            "resolution": doc.get("resolution"),
+            "link": template.replace("{docId}", job.doc_id) if template else None,
+        }
+        body.update((k, doc[k]) for k in EXTRA_FIELDS if k in doc)
+        return body
+
+    def failed_body(self, job: Job, doc: dict[str, Any]) -> dict[str, Any]:
+        body = self._common(job, "transcript_failed", doc)
+        body["error"] = doc.get("error")
+        body.update((k, doc[k]) for k in ("type", "createdAt") if k in doc)
+        return body

@@ -1,0 +1,645 @@
+"""SQLite state: jobs, their polls, deliveries and delivery attempts. The only module with SQL.
+
+Every state change is one transaction, committed before anything is acknowledged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from relayd.intake.envelope import Submission
+
+
+class JobState(StrEnum):
+    POLLING = "polling"  # waiting for the provider to finish
+    DELIVERING = "delivering"  # finished; deliveries pending
+    DELIVERED = "delivered"
+    FAILED = "failed"  # the provider failed it and no endpoint asked to hear about that
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+    CANCELLED = "cancelled"
+    DEAD = "dead"  # a delivery ran out of attempts
+
+
+FINAL_JOB_STATES = frozenset(JobState) - {JobState.POLLING, JobState.DELIVERING}
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class StoreError(Exception):
+    """The database cannot take the change (disk full, read-only, locked for too long)."""
+
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        provider TEXT NOT NULL,
+        doc_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        metadata TEXT,
+        endpoints TEXT,
+        source TEXT NOT NULL,
+        submitted_at REAL NOT NULL,
+        next_poll_at REAL NOT NULL,
+        polls INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        not_found INTEGER NOT NULL DEFAULT 0,
+        last_status TEXT,
+        etag TEXT,
+        result_status TEXT,
+        result TEXT,
+        finished_at REAL,
+        updated_at REAL NOT NULL,
+        UNIQUE (provider, doc_id)
+    );
+    CREATE INDEX jobs_by_state ON jobs (state, next_poll_at);
+    CREATE TABLE polls (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        at REAL NOT NULL,
+        http_status INTEGER,
+        outcome TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX polls_by_job ON polls (job_id);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        endpoint TEXT NOT NULL,
+        event TEXT NOT NULL,
+        webhook_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL,
+        UNIQUE (job_id, endpoint, event)
+    );
+    CREATE INDEX deliveries_due ON deliveries (endpoint, state, next_attempt_at);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+        at REAL NOT NULL,
+        status INTEGER,
+        error TEXT,
+        duration REAL NOT NULL,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX attempts_by_delivery ON attempts (delivery_id);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    provider: str
+    doc_id: str
+    state: JobState
+    metadata: dict[str, Any] | None
+    endpoints: tuple[str, ...] | None
+    source: str
+    submitted_at: float
+    next_poll_at: float
+    polls: int
+    errors: int
+    not_found: int
+    last_status: str | None
+    etag: str | None
+    result_status: str | None
+    finished_at: float | None
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "docId": self.doc_id,
+            "state": str(self.state),
+            "metadata": self.metadata,
+            "endpoints": list(self.endpoints) if self.endpoints is not None else None,
+            "source": self.source,
+            "submitted_at": self.submitted_at,
+            "next_poll_at": self.next_poll_at if self.state == JobState.POLLING else None,
+            "polls": self.polls,
+            "last_status": self.last_status,
+            "result_status": self.result_status,
+            "finished_at": self.finished_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int
+    endpoint: str
+    event: str
+    webhook_id: str
+    payload: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "event": self.event,
+            "webhook_id": self.webhook_id,
+            "state": str(self.state),
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at if self.state == "pending" else None,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "delivered_at": self.delivered_at,
+        }
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    endpoint: str
+    event: str
+    payload: str
+
+
+def webhook_id(provider: str, doc_id: str, event: str) -> str:
+    """Stable for one job and event, across retries, restarts and endpoints."""
+    digest = hashlib.sha256(f"{provider}\0{doc_id}\0{event}".encode()).hexdigest()
+    return f"msg_{digest[:32]}"
+
+
+JOB_COLUMNS = (
+    "id, provider, doc_id, state, metadata, endpoints, source, submitted_at, next_poll_at, "
+    "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at"
+)
+DELIVERY_COLUMNS = (
+    "id, job_id, endpoint, event, webhook_id, payload, state, attempts, next_attempt_at, "
+    "last_error, created_at, delivered_at"
+)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row[0],
+        provider=row[1],
+        doc_id=row[2],
+        state=JobState(row[3]),
+        metadata=json.loads(row[4]) if row[4] is not None else None,
+        endpoints=tuple(json.loads(row[5])) if row[5] is not None else None,
+        source=row[6],
+        submitted_at=row[7],
+        next_poll_at=row[8],
+        polls=row[9],
+        errors=row[10],
+        not_found=row[11],
+        last_status=row[12],
+        etag=row[13],
+        result_status=row[14],
+        finished_at=row[15],
+        updated_at=row[16],
+    )
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        id=row[0],
+        job_id=row[1],
+        endpoint=row[2],
+        event=row[3],
+        webhook_id=row[4],
+        payload=row[5],
+        state=DeliveryState(row[6]),
+        attempts=row[7],
+        next_attempt_at=row[8],
+        last_error=row[9],
+        created_at=row[10],
+        delivered_at=row[11],
+    )
+
+
+class Store:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                uri = f"file:{path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(SCHEMA[version:], start=version + 1):
+            with self._write():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (BEGIN IMMEDIATE ... COMMIT); sqlite errors surface as StoreError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(str(exc)) from exc
+            raise
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def add_jobs(
+        self, subs: Sequence[Submission], *, source: str, now: float
+    ) -> list[tuple[Job, bool]]:
+        """Store every submission in one transaction; a known (provider, docId) is left as is."""
+        out: list[tuple[Job, bool]] = []
+        with self._write() as db:
+            for sub in subs:
+                cur = db.execute(
+                    "INSERT INTO jobs (provider, doc_id, state, metadata, endpoints, source,"
+                    " submitted_at, next_poll_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (provider, doc_id) DO NOTHING",
+                    (
+                        sub.provider,
+                        sub.doc_id,
+                        JobState.POLLING,
+                        json.dumps(dict(sub.metadata)) if sub.metadata is not None else None,
+                        json.dumps(list(sub.endpoints)) if sub.endpoints is not None else None,
+                        source,
+                        now,
+                        now,
+                        now,
+                    ),
+                )
+                created = cur.rowcount == 1
+                row = db.execute(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?",
+                    (sub.provider, sub.doc_id),
+                ).fetchone()
+                out.append((_job(row), created))
+        return out
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def get_job(self, provider: str, doc_id: str) -> Job | None:
+        row = self._db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?", (provider, doc_id)
+        ).fetchone()
+        return _job(row) if row else None
+
+    def find_jobs(self, doc_id: str) -> list[Job]:
+        rows = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE doc_id=?", (doc_id,))
+        return [_job(r) for r in rows]
+
+    def job_by_id(self, job_id: int) -> Job | None:
+        row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def job_result(self, job_id: int) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT result FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def list_jobs(
+        self, *, state: str | None = None, provider: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        where, args = [], []
+        if state:
+            where.append("state=?")
+            args.append(state)
+        if provider:
+            where.append("provider=?")
+            args.append(provider)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+        )
+        return [_job(r) for r in rows]
+
+    def polling_jobs(self) -> list[tuple[int, str, float]]:
+        """(id, provider, next_poll_at) of every job still being polled, for the scheduler."""
+        rows = self._db.execute(
+            "SELECT id, provider, next_poll_at FROM jobs WHERE state=?", (JobState.POLLING,)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def polls_for(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT at, http_status, outcome, detail FROM polls WHERE job_id=?"
+            " ORDER BY id DESC LIMIT ?",
+            (job_id, limit),
+        ).fetchall()
+        keys = ("at", "http_status", "outcome", "detail")
+        return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
+
+    def deliveries_for(self, job_id: int) -> list[Delivery]:
+        rows = self._db.execute(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE job_id=? ORDER BY id", (job_id,)
+        )
+        return [_delivery(r) for r in rows]
+
+    def attempts_for(self, delivery_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT at, status, error, duration, outcome FROM attempts WHERE delivery_id=?"
+            " ORDER BY id",
+            (delivery_id,),
+        )
+        keys = ("at", "status", "error", "duration", "outcome")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def job_counts(self) -> dict[str, dict[str, int]]:
+        """provider -> state -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for provider, state, n in self._db.execute(
+            "SELECT provider, state, COUNT(*) FROM jobs GROUP BY provider, state"
+        ):
+            out.setdefault(provider, {})[state] = n
+        return out
+
+    def oldest_polling(self) -> dict[str, float]:
+        """provider -> submitted_at of its oldest job still being polled."""
+        rows = self._db.execute(
+            "SELECT provider, MIN(submitted_at) FROM jobs WHERE state=? GROUP BY provider",
+            (JobState.POLLING,),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """endpoint -> delivery state -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for endpoint, state, n in self._db.execute(
+            "SELECT endpoint, state, COUNT(*) FROM deliveries GROUP BY endpoint, state"
+        ):
+            out.setdefault(endpoint, {})[state] = n
+        return out
+
+    def integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- polling --------------------------------------------------------------------------------
+
+    def record_poll(
+        self,
+        job_id: int,
+        *,
+        now: float,
+        http_status: int | None,
+        outcome: str,
+        detail: str | None,
+        next_poll_at: float,
+        errors: int,
+        not_found: int,
+        last_status: str | None = None,
+        etag: str | None = None,
+    ) -> bool:
+        """A poll that did not finish the job. False if the job is no longer being polled."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET polls=polls+1, next_poll_at=?, errors=?, not_found=?,"
+                " last_status=COALESCE(?, last_status), etag=COALESCE(?, etag), updated_at=?"
+                " WHERE id=? AND state=?",
+                (next_poll_at, errors, not_found, last_status, etag, now, job_id, JobState.POLLING),
+            )
+            if cur.rowcount == 0:
+                return False
+            self._poll_row(db, job_id, now, http_status, outcome, detail)
+        return True
+
+    def finish_job(
+        self,
+        job_id: int,
+        *,
+        now: float,
+        result_status: str,
+        result: dict[str, Any],
+        deliveries: Iterable[NewDelivery],
+        http_status: int | None,
+        detail: str | None,
+    ) -> bool:
+        """The provider reported a terminal status: store it and the deliveries it calls for."""
+        with self._write() as db:
+            job = db.execute(
+                "SELECT provider, doc_id FROM jobs WHERE id=? AND state=?",
+                (job_id, JobState.POLLING),
+            ).fetchone()
+            if job is None:
+                return False
+            count = 0
+            for new in deliveries:
+                db.execute(
+                    "INSERT INTO deliveries (job_id, endpoint, event, webhook_id, payload, state,"
+                    " next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        new.endpoint,
+                        new.event,
+                        webhook_id(job[0], job[1], new.event),
+                        new.payload,
+                        DeliveryState.PENDING,
+                        now,
+                        now,
+                    ),
+                )
+                count += 1
+            if count:
+                state = JobState.DELIVERING
+            else:
+                state = JobState.DELIVERED if result_status != "failed" else JobState.FAILED
+            db.execute(
+                "UPDATE jobs SET state=?, polls=polls+1, result_status=?, last_status=?,"
+                " result=?, finished_at=?, updated_at=? WHERE id=?",
+                (state, result_status, result_status, json.dumps(result), now, now, job_id),
+            )
+            self._poll_row(db, job_id, now, http_status, "finished", detail)
+        return True
+
+    def end_job(self, job_id: int, state: JobState, *, now: float, detail: str) -> bool:
+        """Stop polling a job (expired, unknown, cancelled). False if it was not being polled."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, updated_at=? WHERE id=? AND state=?",
+                (state, now, job_id, JobState.POLLING),
+            )
+            if cur.rowcount == 0:
+                return False
+            self._poll_row(db, job_id, now, None, str(state), detail)
+        return True
+
+    def expire_jobs(self, provider: str, submitted_before: float, now: float) -> list[Job]:
+        rows = self._db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND state=? AND submitted_at<?",
+            (provider, JobState.POLLING, submitted_before),
+        ).fetchall()
+        expired = [_job(r) for r in rows]
+        for job in expired:
+            self.end_job(job.id, JobState.EXPIRED, now=now, detail="max_job_age passed")
+        return expired
+
+    def cancel(self, job_id: int, *, now: float) -> bool:
+        """Stop polling, and stop delivering anything not yet delivered."""
+        with self._write() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row[0] in FINAL_JOB_STATES:
+                return False
+            db.execute(
+                "UPDATE deliveries SET state=? WHERE job_id=? AND state=?",
+                (DeliveryState.CANCELLED, job_id, DeliveryState.PENDING),
+            )
+            db.execute(
+                "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
+                (JobState.CANCELLED, now, job_id),
+            )
+            self._poll_row(db, job_id, now, None, "cancelled", "cancelled by operator")
+        return True
+
+    @staticmethod
+    def _poll_row(
+        db: sqlite3.Connection,
+        job_id: int,
+        now: float,
+        http_status: int | None,
+        outcome: str,
+        detail: str | None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO polls (job_id, at, http_status, outcome, detail) VALUES (?,?,?,?,?)",
+            (job_id, now, http_status, outcome, detail),
+        )
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[Delivery]:
+        rows = self._db.execute(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE endpoint=? AND state=?"
+            " AND next_attempt_at<=? ORDER BY next_attempt_at, id LIMIT ?",
+            (endpoint, DeliveryState.PENDING, now, limit),
+        )
+        return [_delivery(r) for r in rows]
+
+    def next_delivery_at(self, endpoint: str) -> float | None:
+        row = self._db.execute(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE endpoint=? AND state=?",
+            (endpoint, DeliveryState.PENDING),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def pending_endpoints(self) -> set[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT endpoint FROM deliveries WHERE state=?", (DeliveryState.PENDING,)
+        )
+        return {r[0] for r in rows}
+
+    def record_attempt(
+        self,
+        delivery_id: int,
+        *,
+        now: float,
+        duration: float,
+        status: int | None,
+        error: str | None,
+        outcome: str,
+        next_attempt_at: float | None = None,
+        spend: bool = True,
+    ) -> bool:
+        """One POST and what came of it: outcome is delivered, retry, deferred or dead."""
+        state = {
+            "delivered": DeliveryState.DELIVERED,
+            "dead": DeliveryState.DEAD,
+        }.get(outcome, DeliveryState.PENDING)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT job_id, state FROM deliveries WHERE id=?", (delivery_id,)
+            ).fetchone()
+            if row is None or row[1] != DeliveryState.PENDING:
+                return False  # cancelled meanwhile
+            db.execute(
+                "INSERT INTO attempts (delivery_id, at, status, error, duration, outcome)"
+                " VALUES (?,?,?,?,?,?)",
+                (delivery_id, now, status, error, duration, outcome),
+            )
+            db.execute(
+                "UPDATE deliveries SET state=?, attempts=attempts+?, last_error=?,"
+                " next_attempt_at=COALESCE(?, next_attempt_at), delivered_at=? WHERE id=?",
+                (
+                    state,
+                    1 if spend else 0,
+                    error,
+                    next_attempt_at,
+                    now if state == DeliveryState.DELIVERED else None,
+                    delivery_id,
+                ),
+            )
+            if state != DeliveryState.PENDING:
+                self._settle_job(db, row[0], now)
+        return True
+
+    @staticmethod
+    def _settle_job(db: sqlite3.Connection, job_id: int, now: float) -> None:
+        rows = db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))
+        states = {r[0] for r in rows}
+        if DeliveryState.PENDING in states:
+            return
+        final = JobState.DEAD if DeliveryState.DEAD in states else JobState.DELIVERED
+        db.execute(
+            "UPDATE jobs SET state=?, updated_at=? WHERE id=? AND state=?",
+            (final, now, job_id, JobState.DELIVERING),
+        )
+
+    def redeliver(self, job_id: int, *, now: float) -> int:
+        """Send a finished job's deliveries again, dead ones included. Returns how many."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, last_error=NULL"
+                " WHERE job_id=? AND state IN (?,?,?)",
+                (
+                    DeliveryState.PENDING,
+                    now,
+                    job_id,
+                    DeliveryState.DELIVERED,
+                    DeliveryState.DEAD,
+                    DeliveryState.PENDING,
+                ),
+            )
+            if cur.rowcount:
+                db.execute(
+                    "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
+                    (JobState.DELIVERING, now, job_id),
+                )
+            return int(cur.rowcount)
