@@ -184,11 +184,12 @@ class Daemon:
         self.poller.stop()
         self.deliverer.stop()
         cut = await self.deliverer.drain(self.drain_seconds)
+        self._tasks["watchdog"].cancel()
         tasks = list(self._tasks.values())
         _, pending = await asyncio.wait(tasks, timeout=self.drain_seconds)
         for task in pending:
+            log.warning("loop %s did not stop in time; cancelled", task.get_name())
             task.cancel()
-        self._tasks["watchdog"].cancel()
         counts = self.store.job_counts()
         in_flight = sum(c.get(JobState.POLLING, 0) for c in counts.values())
         pending_deliveries = sum(c.get("pending", 0) for c in self.store.delivery_counts().values())

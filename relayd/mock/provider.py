@@ -414,6 +414,7 @@ async def serve(
     ready_after: float = 2.0,
     api_keys: Collection[str] | None = None,
     aitronos_max_age: float = 0,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[MockProvider, web.AppRunner, int]:
     """Start a provider on a TCP site; the caller owns the runner (`await runner.cleanup()`)."""
     provider = MockProvider(
@@ -422,6 +423,7 @@ async def serve(
         ready_after=ready_after,
         api_keys=api_keys,
         aitronos_max_age=aitronos_max_age,
+        clock=clock,
     )
     runner = web.AppRunner(provider.app(), access_log=None)
     await runner.setup()

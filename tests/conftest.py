@@ -1,0 +1,151 @@
+"""Shared fixtures: a mock provider and receivers on loopback, configs with compressed time,
+and a helper that runs the real daemon in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relayd.config import Config, parse_config
+from relayd.daemon import Daemon
+from relayd.mock import provider as mock_provider
+from relayd.mock import receiver as mock_receiver
+from relayd.store import JobState
+
+API_KEY = "test-key-0001"
+WEBHOOK_SECRET = "xosum-webhook-secret-42"
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[mock_provider.MockProvider]:
+    """A mock Xosum on loopback: 8 requests per 0.25 s window, jobs ready after 0.3 s."""
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=0.3)
+    mock.port = port  # type: ignore[attr-defined]
+    yield mock
+    await runner.cleanup()
+
+
+async def start_receiver(**kwargs: Any) -> tuple[mock_receiver.Receiver, Any, int]:
+    return await mock_receiver.serve(**kwargs)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[mock_receiver.Receiver]:
+    """A webhook receiver that answers 200 to everything."""
+    recv, runner, port = await mock_receiver.serve()
+    recv.port = port  # type: ignore[attr-defined]
+    yield recv
+    await runner.cleanup()
+
+
+def config_dict(
+    tmp_path: Path, provider_port: int, endpoints: dict[str, int], **provider_overrides: Any
+) -> dict[str, Any]:
+    """A config with sub-second windows; `endpoints` maps endpoint name -> receiver port."""
+    prov = {
+        "kind": "xosum",
+        "base_url": f"http://127.0.0.1:{provider_port}",
+        "api_key": f"env:{'XOSUM_KEY'}",
+        "rate_limit": 8,
+        "rate_window": "250ms",
+        "poll_interval": "100ms",
+        "webhook_secret": "env:XOSUM_SECRET",
+        "link_template": "https://app.xosum.am/t/{docId}",
+        "endpoints": list(endpoints),
+    }
+    prov.update(provider_overrides)
+    return {
+        "relayd": {
+            "state_dir": str(tmp_path / "state"),
+            "spool_dir": str(tmp_path / "spool"),
+            "socket": str(tmp_path / "relayd.sock"),
+            "http": "127.0.0.1:0",
+        },
+        "providers": {"main": prov},
+        "endpoints": {
+            name: {
+                "url": f"http://127.0.0.1:{port}/hook/{name}",
+                "retry_initial": "50ms",
+                "retry_max": "200ms",
+                "timeout": "2s",
+            }
+            for name, port in endpoints.items()
+        },
+    }
+
+
+ENV = {"XOSUM_KEY": API_KEY, "XOSUM_SECRET": WEBHOOK_SECRET}
+
+
+def make_config(data: dict[str, Any], tmp_path: Path) -> Config:
+    return parse_config(data, base_dir=tmp_path, env=ENV)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """The real daemon in this event loop; stopped (gracefully) on exit."""
+    daemon = Daemon(config, drain_seconds=2.0, **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.serve(stop.wait))
+    ready = asyncio.create_task(daemon.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()  # raises what broke the start
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def api(
+    daemon: Daemon, method: str, path: str, body: Any = None, raw: bytes | None = None
+) -> tuple[int, Any]:
+    """Call the daemon's API over its unix socket."""
+    socket = daemon.config.settings.socket
+    assert socket is not None
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session,
+        session.request(method, "http://relayd" + path, data=data) as resp,
+    ):
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, text
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait (in small steps) until predicate() holds; fail with `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def states(daemon: Daemon) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for per in daemon.store.job_counts().values():
+        for state, n in per.items():
+            out[state] = out.get(state, 0) + n
+    return out
+
+
+def settled(daemon: Daemon, total: int) -> bool:
+    """Every one of `total` jobs is in a final state."""
+    counts = states(daemon)
+    busy = counts.get(JobState.POLLING, 0) + counts.get(JobState.DELIVERING, 0)
+    return sum(counts.values()) >= total and busy == 0
