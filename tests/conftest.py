@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -112,7 +113,9 @@ async def api(
     """Call the daemon's API over its unix socket."""
     socket = daemon.config.settings.socket
     assert socket is not None
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if raw is None and body is not None:
+        raw = json.dumps(body).encode()
+    data = io.BytesIO(raw) if raw is not None else None
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session,
         session.request(method, "http://relayd" + path, data=data) as resp,
