@@ -1,0 +1,137 @@
+"""The `relayd` command as a user runs it: real subprocesses, exit codes, output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from relayd.mock import provider as mock_provider
+from relayd.mock.receiver import Receiver
+from tests.conftest import API_KEY, ENV, WEBHOOK_SECRET, config_dict, eventually
+
+
+def relayd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relayd", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV, **(env or {})},
+        timeout=60,
+    )
+
+
+async def arelayd(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV},
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_config(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "relayd.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_init_writes_a_config_that_check_config_accepts(tmp_path: Path) -> None:
+    """`init` writes a starter config; `check-config` accepts it and masks the secret."""
+    path = tmp_path / "relayd.toml"
+    result = relayd("init", str(path))
+    assert result.returncode == 0, result.stderr
+    assert relayd("init", str(path)).returncode == 1  # no silent overwrite
+    result = relayd("check-config", "-c", str(path), env={"XOSUM_API_KEY": "sekrit-value-1"})
+    assert result.returncode == 0, result.stderr
+    assert "sekrit-value-1" not in result.stdout + result.stderr
+    assert "env:XOSUM_API_KEY" in result.stdout
+
+
+def test_bad_config_exits_78_naming_every_key(tmp_path: Path) -> None:
+    """A bad config exits 78 for `run` and `check-config`, naming each bad key."""
+    data = config_dict(tmp_path, 1, {"app": 2})
+    data["providers"]["main"]["rate_limt"] = 5
+    data["endpoints"]["app"]["url"] = "ftp://nowhere"
+    data["providers"]["main"]["endpoints"] = ["app", "ghost"]
+    path = write_config(tmp_path, data)
+    for command in ("check-config", "run"):
+        result = relayd(command, "-c", str(path))
+        assert result.returncode == 78, (command, result.stderr)
+        assert "providers.main.rate_limt" in result.stderr
+        assert "endpoints.app.url" in result.stderr
+        assert "ghost" in result.stderr
+    missing = relayd("run", "-c", str(tmp_path / "absent.toml"))
+    assert missing.returncode == 78
+    assert "absent.toml" in missing.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    """Without -c, $RELAYD_CONFIG names the config file."""
+    path = write_config(tmp_path, config_dict(tmp_path, 1, {"app": 2}))
+    result = relayd("check-config", env={"RELAYD_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert API_KEY not in result.stdout and WEBHOOK_SECRET not in result.stdout
+
+
+def test_bad_usage_exits_2() -> None:
+    """Unknown sub-commands and options are usage errors."""
+    assert relayd("frobnicate").returncode == 2
+    assert relayd("jobs", "--bogus").returncode == 2
+
+
+async def test_daemon_subprocess_submit_status_show_and_sigterm(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """`relayd run` serves `submit`, `status`, `jobs`, `show`; SIGTERM exits 0; `redeliver`
+    and `cancel` then work on the database with the daemon stopped."""
+    provider.add_job("cli-slow", ready_after=3600)
+    path = write_config(tmp_path, config_dict(tmp_path, provider.port, {"app": receiver.port}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd", "run", "-c", str(path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV},
+    )  # fmt: skip
+    try:
+        sock = tmp_path / "relayd.sock"
+        await eventually(sock.exists, timeout=15, what="the daemon's socket")
+        code, out, err = await arelayd("submit", "-c", str(path), "cli-1", "cli-slow",
+                                       "--meta", "team=ops")  # fmt: skip
+        assert code == 0, err
+        assert "main/cli-1: accepted" in out
+        await receiver.wait_for(1)
+        code, out, err = await arelayd("status", "-c", str(path))
+        assert code == 0, err
+        assert "running" in out and "main" in out and "app" in out
+        code, out, _ = await arelayd("status", "-c", str(path), "--json")
+        status = json.loads(out)
+        assert status["providers"]["main"]["budget"]["rate_limit"] == 8
+        assert API_KEY not in out and WEBHOOK_SECRET not in out
+        code, out, _ = await arelayd("jobs", "-c", str(path))
+        assert "cli-1" in out and "cli-slow" in out
+        code, out, _ = await arelayd("show", "-c", str(path), "cli-1")
+        assert code == 0 and "delivered" in out and "delivery to app" in out
+        code, _, err = await arelayd("submit", "-c", str(path), "bad id")
+        assert code == 1 and "invalid job id" in err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, stderr.decode()
+    assert API_KEY not in stderr.decode() and WEBHOOK_SECRET not in stderr.decode()
+    assert receiver.accepted[0].json()["metadata"] == {"team": "ops"}
+    # with the daemon stopped, the database commands still work
+    code, out, err = await arelayd("redeliver", "-c", str(path), "cli-1")
+    assert code == 0, err
+    code, out, err = await arelayd("cancel", "-c", str(path), "cli-slow")
+    assert code == 0 and "cancelled" in out, err
+    code, out, _ = await arelayd("status", "-c", str(path))
+    assert "NOT RUNNING" in out
+    code, out, _ = await arelayd("jobs", "-c", str(path), "--json")
+    by_id = {j["docId"]: j["state"] for j in json.loads(out)}
+    assert by_id == {"cli-1": "delivering", "cli-slow": "cancelled"}
