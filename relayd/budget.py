@@ -65,6 +65,19 @@ class Budget:
         """A slot was taken but no request went out."""
         self.in_flight = max(0, self.in_flight - 1)
 
+    def pending_frees(self, now: float) -> list[float]:
+        """When the used slots free up (requests still in flight count as answered now)."""
+        self._prune(now)
+        return list(self._frees) + [now + self.window] * self.in_flight
+
+    def seed(self, frees: list[float], now: float) -> None:
+        """Carry slots used by a previous run of the daemon into this one."""
+        for t in sorted(frees):
+            if t > now:
+                self._frees.append(t)
+        while len(self._frees) > self.limit:
+            self._frees.popleft()
+
     def block_until(self, until: float, reason: str = "") -> None:
         """The provider said stop (429): send nothing before `until`."""
         if until > self._blocked_until:

@@ -223,7 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     try:
-        status, info = asyncio.run(_api(config, "GET", "/v1/status"))
+        _status, info = asyncio.run(_api(config, "GET", "/v1/status"))
     except CliError as exc:
         store = _open_store(config)
         info = status_from_store(store, config, time.time())

@@ -190,6 +190,11 @@ class Daemon:
         for task in pending:
             log.warning("loop %s did not stop in time; cancelled", task.get_name())
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            self.poller.save_budgets()
+        except StoreError as exc:
+            log.error("cannot save budgets (the next start waits one window): %s", exc)
         counts = self.store.job_counts()
         in_flight = sum(c.get(JobState.POLLING, 0) for c in counts.values())
         pending_deliveries = sum(c.get("pending", 0) for c in self.store.delivery_counts().values())

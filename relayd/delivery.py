@@ -120,7 +120,7 @@ class Deliverer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             started += 1
-        nxt = self.store.next_delivery_at(name)
+        nxt = self.store.next_delivery_at(name, after=wall)
         return None if nxt is None else max(0.0, nxt - wall)
 
     async def _attempt(self, endpoint: EndpointConfig, state: EndpointState, d: Delivery) -> None:
@@ -240,12 +240,12 @@ class Deliverer:
             extra=ctx,
         )
 
-    async def drain(self, timeout: float) -> int:
-        """Let POSTs in flight finish within `timeout`; return how many were cut off."""
+    async def drain(self, bound: float) -> int:
+        """Let POSTs in flight finish within `bound` seconds; return how many were cut off."""
         tasks = list(self._tasks)
         if not tasks:
             return 0
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=bound)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -104,6 +104,14 @@ SCHEMA = [
     );
     CREATE INDEX attempts_by_delivery ON attempts (delivery_id);
     """,
+    # version 2: budgets survive a clean restart
+    """
+    CREATE TABLE budgets (
+        key TEXT PRIMARY KEY,
+        frees TEXT NOT NULL,
+        saved_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -410,6 +418,34 @@ class Store:
             out.setdefault(endpoint, {})[state] = n
         return out
 
+    # -- budgets across restarts ------------------------------------------------------------------
+
+    def save_budgets(self, frees: dict[str, list[float]], *, now: float) -> None:
+        """At a clean stop: when each key's used slots free up (wall-clock times)."""
+        with self._write() as db:
+            db.execute("DELETE FROM budgets")
+            db.executemany(
+                "INSERT INTO budgets (key, frees, saved_at) VALUES (?,?,?)",
+                [(key, json.dumps(times), now) for key, times in frees.items()],
+            )
+
+    def take_budgets(self) -> dict[str, list[float]]:
+        """Read and forget the saved budgets, so a later crash is not mistaken for a clean stop."""
+        with self._write() as db:
+            rows = db.execute("SELECT key, frees FROM budgets").fetchall()
+            db.execute("DELETE FROM budgets")
+        return {key: [float(t) for t in json.loads(frees)] for key, frees in rows}
+
+    def recently_active(self, providers: Sequence[str], since: float) -> bool:
+        """Did these providers' jobs see a poll since `since`, or is any still being polled?"""
+        marks = ",".join("?" * len(providers))
+        row = self._db.execute(
+            f"SELECT 1 FROM jobs WHERE provider IN ({marks}) AND (state=? OR updated_at>=?)"
+            " LIMIT 1",
+            (*providers, JobState.POLLING, since),
+        ).fetchone()
+        return row is not None
+
     def integrity_check(self) -> str:
         return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
@@ -553,10 +589,12 @@ class Store:
         )
         return [_delivery(r) for r in rows]
 
-    def next_delivery_at(self, endpoint: str) -> float | None:
+    def next_delivery_at(self, endpoint: str, after: float) -> float | None:
+        """The earliest pending delivery due later than `after` (those due now are in hand)."""
         row = self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE endpoint=? AND state=?",
-            (endpoint, DeliveryState.PENDING),
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE endpoint=? AND state=?"
+            " AND next_attempt_at>?",
+            (endpoint, DeliveryState.PENDING, after),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 

@@ -128,7 +128,9 @@ async def api(
 
 
 async def eventually(
-    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+    predicate: Callable[[], bool],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a test helper's deadline, not a cancel scope
+    what: str = "condition",
 ) -> None:
     """Wait (in small steps) until predicate() holds; fail with `what` after `timeout`."""
     loop = asyncio.get_running_loop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -130,7 +132,7 @@ async def test_failed_jobs_go_only_to_endpoints_that_asked(
         async with running(config) as daemon:
             await api(daemon, "POST", "/v1/jobs", [{"docId": "bad-audio"}, {"docId": "fine"}])
             await eventually(lambda: settled(daemon, 2))
-            status, detail = await api(daemon, "GET", "/v1/jobs/main/bad-audio")
+            _status, detail = await api(daemon, "GET", "/v1/jobs/main/bad-audio")
             assert detail["job"]["result_status"] == "failed"
         failed = [r.json() for r in wants.accepted if r.json()["event_type"] == "transcript_failed"]
         assert len(failed) == 1
@@ -314,7 +316,7 @@ async def test_provider_errors_are_retried_with_backoff(
     assert got.json()["transcription"] == "hi"
     outcomes = [p["outcome"] for p in detail["polls"]]
     assert outcomes == ["error", "error", "error", "pending", "finished"]
-    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
     assert gaps[1] > gaps[0] * 1.5  # backoff grows after consecutive errors
 
 
@@ -371,3 +373,49 @@ async def test_metrics_expose_the_spec_names(
     assert delivered[0].value == 1
     jobs = {s.labels["state"]: s.value for s in families["relayd_jobs"].samples}
     assert jobs["delivered"] == 1
+
+
+async def _saturate(tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver):  # type: ignore[no-untyped-def]
+    for i in range(20):
+        provider.add_job(f"busy-{i}", ready_after=3600)
+    data = config_dict(tmp_path, provider.port, {"app": receiver.port}, rate_window="500ms")
+    return make_config(data, tmp_path)
+
+
+async def test_restart_after_a_crash_does_not_double_the_window(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """A daemon killed mid-window (no clean stop) and restarted at once stays within budget."""
+    import asyncio
+
+    from relayd.daemon import Daemon
+
+    config = await _saturate(tmp_path, provider, receiver)
+    first = Daemon(config)
+    task = asyncio.create_task(first.serve(asyncio.Event().wait))
+    await first.ready.wait()
+    await api(first, "POST", "/v1/jobs", [{"docId": f"busy-{i}"} for i in range(20)])
+    await eventually(lambda: len(provider.arrivals) >= 8)
+    task.cancel()  # like kill -9: no shutdown path, nothing saved
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    crashed_at = len(provider.arrivals)
+    async with running(config):
+        await eventually(lambda: len(provider.arrivals) >= crashed_at + 8, timeout=5)
+    assert provider.max_in_rolling_window() <= 8
+    assert provider.rejected == 0
+
+
+async def test_clean_restart_carries_the_budget_over(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """After a clean stop the next run continues the same budget, without a full pause."""
+    config = await _saturate(tmp_path, provider, receiver)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"busy-{i}"} for i in range(20)])
+        await eventually(lambda: len(provider.arrivals) >= 12)
+    stopped_at = len(provider.arrivals)
+    async with running(config):
+        await eventually(lambda: len(provider.arrivals) >= stopped_at + 8, timeout=5)
+    assert provider.max_in_rolling_window() <= 8
+    assert provider.rejected == 0

@@ -77,7 +77,7 @@ async def demo(jobs: int = 6) -> int:
         provider, provider_runner, provider_port = await mock_provider.serve(
             window=WINDOW, limit=LIMIT, ready_after=READY_AFTER
         )
-        receiver, receiver_runner, receiver_port = await mock_receiver.serve(
+        _receiver, receiver_runner, receiver_port = await mock_receiver.serve(
             on_receive=_print_received
         )
         config = parse_config(

@@ -111,7 +111,7 @@ def classify(answer: Answer, what: str) -> None:
 
 
 def auth_headers(auth_header: str, api_key: str) -> dict[str, str]:
-    """`Authorization: Bearer` -> {"Authorization": "Bearer KEY"}; `X-API-Key` -> {"X-API-Key": KEY}."""
+    """`Authorization: Bearer` sends "Bearer KEY" in Authorization; `X-API-Key` the bare KEY."""
     name, _, prefix = auth_header.partition(":")
     prefix = prefix.strip()
     return {name.strip(): f"{prefix} {api_key}" if prefix else api_key}
