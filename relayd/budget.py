@@ -78,6 +78,16 @@ class Budget:
         while len(self._frees) > self.limit:
             self._frees.popleft()
 
+    def resized(self, limit: int, window: float, now: float) -> Budget:
+        """The same key under a new limit (config reload): spent slots and blocks carry over."""
+        fresh = Budget(limit, window, now=now)
+        self._prune(now)
+        fresh._frees = deque(self._frees)
+        fresh.in_flight = self.in_flight  # their answers release into the new budget
+        fresh._blocked_until, fresh.block_reason = self._blocked_until, self.block_reason
+        fresh._sent = deque(self._sent)
+        return fresh
+
     def block_until(self, until: float, reason: str = "") -> None:
         """The provider said stop (429): send nothing before `until`."""
         if until > self._blocked_until:

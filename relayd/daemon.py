@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -176,6 +177,34 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload(self, new: Config) -> None:
+        """Apply a new config's providers and endpoints without dropping a job.
+
+        Listening addresses and directories stay as they are until a restart (logged).
+        """
+        old = self.config.settings
+        for key in ("state_dir", "spool_dir", "socket", "http", "api_token", "shared_budget"):
+            if getattr(old, key) != getattr(new.settings, key):
+                log.warning("reload: [relayd] %s changed; restart relayd to apply it", key)
+        settings = dataclasses.replace(
+            old,
+            default_provider=new.settings.default_provider,
+            log_level=new.settings.log_level,
+            log_format=new.settings.log_format,
+        )
+        config = dataclasses.replace(new, settings=settings)
+        logging.getLogger("relayd").setLevel(settings.log_level.upper())
+        self.config = config
+        self._catalog = self._make_catalog(config)
+        self.deliverer.config = config
+        self.poller.reconfigure(config, build_providers(config))
+        self.deliverer.wake()
+        log.info(
+            "config reloaded: %d provider(s), %d endpoint(s)",
+            len(config.providers),
+            len(config.endpoints),
+        )
 
     async def _shutdown(self) -> None:
         self.draining = True
@@ -352,7 +381,6 @@ def _reload(daemon: Daemon) -> None:
     try:
         new = load_config(path)
     except ConfigError as exc:
-        log.error("reload refused, keeping the running config:\n%s", exc)
+        log.error("SIGHUP: new config refused, the running one stays:\n%s", exc)
         return
-    log.warning("SIGHUP: config re-read; restart relayd to apply provider/endpoint changes")
-    del new
+    daemon.reload(new)

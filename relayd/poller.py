@@ -137,18 +137,39 @@ class Poller:
         self._stopping = False
         self.groups: dict[str, KeyGroup] = {}
         self.group_of: dict[str, KeyGroup] = {}
-        now = clock.monotonic()
-        for name, pc in config.providers.items():
+        self._build_groups()
+
+    def _build_groups(self) -> None:
+        """One group per API key; a key already known keeps its budget (and what it spent)."""
+        old = self.groups
+        now = self.clock.monotonic()
+        self.groups, self.group_of = {}, {}
+        for name, pc in self.config.providers.items():
             key = key_id(pc.api_key.value)
             group = self.groups.get(key)
             if group is None:
-                # two tables with one key: the provider allows the smaller of their limits
-                group = KeyGroup(key, Budget(pc.rate_limit, pc.rate_window, now=now), [])
+                group = old.get(key) or KeyGroup(key, Budget(pc.rate_limit, pc.rate_window), [])
+                group.providers = []
+                group.schedule = Schedule()
                 self.groups[key] = group
-            elif (pc.rate_limit / pc.rate_window) < (group.budget.limit / group.budget.window):
-                group.budget = Budget(pc.rate_limit, pc.rate_window, now=now)
+                self._resize(group, pc.rate_limit, pc.rate_window, now)
+            elif pc.rate_limit / pc.rate_window < group.budget.limit / group.budget.window:
+                # two tables with one key: the provider allows the smaller of their limits
+                self._resize(group, pc.rate_limit, pc.rate_window, now)
             group.providers.append(name)
             self.group_of[name] = group
+
+    @staticmethod
+    def _resize(group: KeyGroup, limit: int, window: float, now: float) -> None:
+        if (group.budget.limit, group.budget.window) != (limit, window):
+            group.budget = group.budget.resized(limit, window, now)
+
+    def reconfigure(self, config: Config, providers: Mapping[str, Provider]) -> None:
+        """Apply a reloaded config: new providers and keys take effect, jobs are kept."""
+        self.config = config
+        self.providers = providers
+        self._build_groups()
+        self._schedule_all()
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -185,14 +206,20 @@ class Poller:
     def load(self) -> int:
         """Schedule every job the store says is still being polled (start-up recovery)."""
         self.restore_budgets()
+        return self._schedule_all()
+
+    def _schedule_all(self) -> int:
         count = 0
+        orphans: set[str] = set()
         for job_id, provider, due in self.store.polling_jobs():
             group = self.group_of.get(provider)
             if group is None:
-                log.warning("jobs of provider %r wait: it is not in the config", provider)
-                continue
-            group.schedule.add(job_id, due)
-            count += 1
+                orphans.add(provider)
+            elif job_id not in group.in_flight:
+                group.schedule.add(job_id, due)
+                count += 1
+        for provider in sorted(orphans):
+            log.warning("jobs of provider %r wait: it is not in the config", provider)
         self.wake()
         return count
 

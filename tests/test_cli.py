@@ -106,6 +106,7 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
         assert code == 0, err
         assert "main/cli-1: accepted" in out
         await receiver.wait_for(1)
+        proc.send_signal(signal.SIGHUP)  # reload: same config, the daemon carries on
         code, out, err = await arelayd("status", "-c", str(path))
         assert code == 0, err
         assert "running" in out and "main" in out and "app" in out
@@ -123,6 +124,7 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, stderr.decode()
+    assert "config reloaded" in stderr.decode()
     assert API_KEY not in stderr.decode() and WEBHOOK_SECRET not in stderr.decode()
     assert receiver.accepted[0].json()["metadata"] == {"team": "ops"}
     # with the daemon stopped, the database commands still work

@@ -419,3 +419,35 @@ async def test_clean_restart_carries_the_budget_over(
         await eventually(lambda: len(provider.arrivals) >= stopped_at + 8, timeout=5)
     assert provider.max_in_rolling_window() <= 8
     assert provider.rejected == 0
+
+
+async def test_reload_applies_new_endpoints_and_refuses_a_bad_config(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """SIGHUP's reload: a new endpoint takes effect with jobs kept; a bad file changes nothing."""
+    import tomli_w
+
+    from relayd import daemon as daemon_module
+    from relayd.config import load_config
+
+    second, runner, port = await start_receiver()
+    try:
+        provider.add_job("before", ready_after=0.5)
+        data = config_dict(tmp_path, provider.port, {"app": receiver.port})
+        path = tmp_path / "relayd.toml"
+        path.write_text(tomli_w.dumps(data))
+        env = {"XOSUM_KEY": API_KEY, "XOSUM_SECRET": WEBHOOK_SECRET}
+        async with running(load_config(path, env=env)) as daemon:
+            await api(daemon, "POST", "/v1/jobs", {"docId": "before"})
+            path.write_text("[relayd]\nbogus = 1\n")
+            daemon_module._reload(daemon)  # refused: the old config stays
+            assert daemon.config.endpoints.keys() == {"app"}
+            data["endpoints"]["extra"] = {"url": f"http://127.0.0.1:{port}/hook"}
+            data["providers"]["main"]["endpoints"] = ["app", "extra"]
+            daemon.reload(make_config(data, tmp_path))
+            await api(daemon, "POST", "/v1/jobs", {"docId": "after", "endpoints": ["extra"]})
+            await eventually(lambda: settled(daemon, 2))
+        assert {r.json()["docId"] for r in receiver.accepted} == {"before"}
+        assert sorted(r.json()["docId"] for r in second.accepted) == ["after", "before"]
+    finally:
+        await runner.cleanup()
