@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from relayd.intake.envelope import MAX_BYTES, IntakeError, check_job_id, parse_json
+from relayd.intake.envelope import MAX_BYTES, IntakeError, check_job_id, load_json, parse_json
 from relayd.metrics import CONTENT_TYPE
 from relayd.store import FINAL_JOB_STATES, JobState, StoreError
 
@@ -81,12 +81,7 @@ class Api:
             return error(503, "shutting down: not taking new jobs")
         raw = await request.read()
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.daemon.metrics.intake.labels("api", "rejected").inc()
-            return error(400, f"malformed JSON: {exc}")
-        try:
-            subs = parse_json(doc, self.daemon.catalog())
+            subs = parse_json(load_json(raw), self.daemon.catalog())
         except IntakeError as exc:
             self.daemon.metrics.intake.labels("api", "rejected").inc()
             return error(400, str(exc))

@@ -82,7 +82,8 @@ class Budget:
         """The same key under a new limit (config reload): spent slots and blocks carry over."""
         fresh = Budget(limit, window, now=now)
         self._prune(now)
-        fresh._frees = deque(self._frees)
+        longer = max(0.0, window - self.window)
+        fresh._frees = deque(t + longer for t in self._frees)
         fresh.in_flight = self.in_flight  # their answers release into the new budget
         fresh._blocked_until, fresh.block_reason = self._blocked_until, self.block_reason
         fresh._sent = deque(self._sent)
@@ -100,7 +101,8 @@ class Budget:
     def next_free_at(self, now: float) -> float | None:
         """When a slot will next be free: `now` if one is, None if only an answer can free one."""
         if self.blocked(now):
-            return max(self._blocked_until, self._first_free(self._blocked_until) or now)
+            free = self._first_free(self._blocked_until)
+            return None if free is None else max(self._blocked_until, free)
         return self._first_free(now)
 
     def _first_free(self, at: float) -> float | None:

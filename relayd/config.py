@@ -3,7 +3,6 @@ all reported at once); secrets resolved but never shown; effective and starter c
 
 from __future__ import annotations
 
-import base64
 import binascii
 import difflib
 import ipaddress
@@ -21,6 +20,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
+
+from relayd.signing import decode_secret
 
 log = logging.getLogger("relayd.config")
 
@@ -385,7 +386,7 @@ def _endpoint(p: _Parser, name: str, data: object) -> EndpointConfig:
         parts = secret.value.split()
         for index, part in enumerate(parts, 1):
             try:
-                ok = part.startswith("whsec_") and bool(base64.b64decode(part[6:], validate=True))
+                ok = part.startswith("whsec_") and bool(decode_secret(part))
             except binascii.Error:
                 ok = False
             if not ok:

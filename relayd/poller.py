@@ -36,6 +36,7 @@ from relayd.store import Job, JobState, NewDelivery, Store, StoreError
 log = logging.getLogger("relayd.poller")
 
 NOT_FOUND_CONFIRMATIONS = 3
+MAX_BLOCK = 3600  # seconds: a longer Retry-After (a year-9999 date) is taken as this
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
@@ -184,7 +185,10 @@ class Poller:
         now, wall = self.clock.monotonic(), self.clock.time()
         for key, group in self.groups.items():
             if key in saved:
-                group.budget.seed([t - wall + now for t in saved[key]], now)
+                state = saved[key]
+                group.budget.seed([t - wall + now for t in state.get("frees", [])], now)
+                if state.get("blocked_until"):
+                    group.budget.block_until(state["blocked_until"] - wall + now, "429 (saved)")
             elif self.store.recently_active(group.providers, wall - group.budget.window):
                 group.budget.block_until(now + group.budget.window, "restart after a crash")
                 log.warning(
@@ -195,13 +199,16 @@ class Poller:
 
     def save_budgets(self) -> None:
         now, wall = self.clock.monotonic(), self.clock.time()
-        self.store.save_budgets(
-            {
-                key: [t - now + wall for t in group.budget.pending_frees(now)]
-                for key, group in self.groups.items()
-            },
-            now=wall,
-        )
+        budgets = {}
+        for key, group in self.groups.items():
+            budget = group.budget
+            budgets[key] = {
+                "frees": [t - now + wall for t in budget.pending_frees(now)],
+                "blocked_until": budget.blocked_until() - now + wall
+                if budget.blocked(now)
+                else None,
+            }
+        self.store.save_budgets(budgets, now=wall)
 
     def load(self) -> int:
         """Schedule every job the store says is still being polled (start-up recovery)."""
@@ -238,6 +245,14 @@ class Poller:
 
     def block(self, group: KeyGroup, provider: ProviderConfig, retry_after: float | None) -> None:
         now, wall = self.clock.monotonic(), self.clock.time()
+        if retry_after is not None and retry_after > MAX_BLOCK:
+            log.warning(
+                "Retry-After of %.0fs is implausible; honouring %ds",
+                retry_after,
+                MAX_BLOCK,
+                extra={"provider": provider.name},
+            )
+            retry_after = MAX_BLOCK
         if retry_after is None:
             # no Retry-After: wait for the provider's next window, with a guard band for skew
             retry_after = next_window_start(wall, provider.rate_window) - wall

@@ -13,7 +13,7 @@ PREFIX = "whsec_"
 def decode_secret(secret: str) -> bytes:
     """The key bytes of a `whsec_…` secret (base64 after the prefix)."""
     raw = secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
-    return base64.b64decode(raw, validate=True)
+    return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
 
 
 def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:

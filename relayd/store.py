@@ -108,7 +108,7 @@ SCHEMA = [
     """
     CREATE TABLE budgets (
         key TEXT PRIMARY KEY,
-        frees TEXT NOT NULL,
+        state TEXT NOT NULL,
         saved_at REAL NOT NULL
     );
     """,
@@ -249,7 +249,7 @@ class Store:
         self.path = path
         try:
             if readonly:
-                uri = f"file:{path}?mode=ro"
+                uri = path.absolute().as_uri() + "?mode=ro"  # as_uri escapes '#', '?', '%'
                 self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             if not readonly:
                 self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def close(self) -> None:
@@ -420,21 +420,21 @@ class Store:
 
     # -- budgets across restarts ------------------------------------------------------------------
 
-    def save_budgets(self, frees: dict[str, list[float]], *, now: float) -> None:
-        """At a clean stop: when each key's used slots free up (wall-clock times)."""
+    def save_budgets(self, budgets: dict[str, dict[str, Any]], *, now: float) -> None:
+        """At a clean stop: each key's spent slots and 429 block, as JSON (wall-clock times)."""
         with self._write() as db:
             db.execute("DELETE FROM budgets")
             db.executemany(
-                "INSERT INTO budgets (key, frees, saved_at) VALUES (?,?,?)",
-                [(key, json.dumps(times), now) for key, times in frees.items()],
+                "INSERT INTO budgets (key, state, saved_at) VALUES (?,?,?)",
+                [(key, json.dumps(state), now) for key, state in budgets.items()],
             )
 
-    def take_budgets(self) -> dict[str, list[float]]:
+    def take_budgets(self) -> dict[str, dict[str, Any]]:
         """Read and forget the saved budgets, so a later crash is not mistaken for a clean stop."""
         with self._write() as db:
-            rows = db.execute("SELECT key, frees FROM budgets").fetchall()
+            rows = db.execute("SELECT key, state FROM budgets").fetchall()
             db.execute("DELETE FROM budgets")
-        return {key: [float(t) for t in json.loads(frees)] for key, frees in rows}
+        return {key: json.loads(state) for key, state in rows}
 
     def recently_active(self, providers: Sequence[str], since: float) -> bool:
         """Did these providers' jobs see a poll since `since`, or is any still being polled?"""

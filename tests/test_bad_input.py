@@ -29,6 +29,9 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     ("comments-only.txt", b"# nothing here\n\n", "no job id"),
     ("huge.txt", b"a\n" * (600 * 1024), "too large"),
     ("malformed.json", b'{"docId": "a",', "malformed JSON"),
+    ("deep.json", b"[" * 100_000, "nested too deeply"),
+    ("nan.json", b'{"docId": "a", "metadata": {"x": NaN}}', "NaN is not valid JSON"),
+    ("bigint.json", b'{"docId": "a", "metadata": {"n": ' + b"1" * 5000 + b"}}", "malformed JSON"),
     ("wrong-type.json", b'{"docId": 12345}', "docId must be a string"),
     ("wrong-meta.json", b'{"docId": "a", "metadata": [1]}', "metadata: expected an object"),
     ("scalar.json", b"[1, 2]", "expected an object"),
@@ -122,6 +125,8 @@ async def test_files_present_at_start_are_taken(
         (b'{"docId": "a", "endpoints": ["x"]}', "unknown endpoint 'x'"),
         (b'[{"docId": "ok"}, {"docId": "not ok"}]', "[1].docId"),
         (b"\xff\xfe", "malformed JSON"),
+        (b"[" * 50_000, "nested too deeply"),
+        (b'{"docId": "a", "metadata": {"x": Infinity}}', "Infinity is not valid JSON"),
     ],
 )
 async def test_api_refuses_bad_bodies_with_a_clear_400(

@@ -451,3 +451,24 @@ async def test_reload_applies_new_endpoints_and_refuses_a_bad_config(
         assert sorted(r.json()["docId"] for r in second.accepted) == ["after", "before"]
     finally:
         await runner.cleanup()
+
+
+async def test_a_429_closes_the_key_and_the_block_survives_a_clean_restart(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A 429 (Retry-After: 1) stops every request on the key for 1 s, across a restart too."""
+    import asyncio
+
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=2, ready_after=3600)
+    try:
+        config = make_config(config_dict(tmp_path, port, {"app": receiver.port}), tmp_path)
+        async with running(config) as daemon:
+            await api(daemon, "POST", "/v1/jobs", [{"docId": f"b-{i}"} for i in range(5)])
+            await eventually(lambda: mock.rejected >= 1)
+            burst = len(mock.arrivals)
+        async with running(config):
+            await asyncio.sleep(0.4)
+            assert len(mock.arrivals) == burst, "requests sent inside the provider's Retry-After"
+            await eventually(lambda: len(mock.arrivals) > burst, timeout=3)
+    finally:
+        await runner.cleanup()

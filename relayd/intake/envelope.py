@@ -75,14 +75,26 @@ def parse_bytes(data: bytes, catalog: Catalog) -> list[Submission]:
         raise IntakeError(f"not UTF-8 text: invalid byte at offset {exc.start}") from None
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise IntakeError(
-                f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from None
-        return parse_json(doc, catalog)
+        return parse_json(load_json(text), catalog)
     return _parse_text(text, catalog)
+
+
+def _no_constants(name: str) -> None:
+    raise IntakeError(f"malformed JSON: {name} is not valid JSON")
+
+
+def load_json(text: str | bytes) -> object:
+    """json.loads that only ever raises IntakeError (deep nesting, huge numbers, NaN included)."""
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise IntakeError(
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise IntakeError("malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # e.g. integers over 4300 digits
+        raise IntakeError(f"malformed JSON: {exc}") from None
 
 
 def _parse_text(text: str, catalog: Catalog) -> list[Submission]:

@@ -100,7 +100,12 @@ class Spool:
         for entry in sorted(entries, key=age):
             if self._stop.is_set():
                 break
-            taken += self.take(Path(entry.path))
+            path = Path(entry.path)
+            try:
+                taken += self.take(path)
+            except Exception as exc:  # a bug must not wedge the spool on one file
+                log.exception("unexpected error taking %s", path.name)
+                self._reject(path, f"internal error while reading it: {type(exc).__name__}")
         return taken
 
     def take(self, path: Path) -> int:

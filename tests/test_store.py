@@ -1,0 +1,598 @@
+"""Store on a real SQLite file: schema, state transitions, stable webhook ids, durability."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayd.intake.envelope import Submission
+from relayd.store import (
+    SCHEMA,
+    DeliveryState,
+    JobState,
+    NewDelivery,
+    Store,
+    StoreError,
+    webhook_id,
+)
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "relayd.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+def add(
+    store: Store,
+    doc_id: str = "doc-1",
+    provider: str = "xosum",
+    metadata: dict[str, Any] | None = None,
+    endpoints: tuple[str, ...] | None = None,
+) -> int:
+    subs = [Submission(doc_id, provider, metadata, endpoints)]
+    job, created = store.add_jobs(subs, source="api", now=T0)[0]
+    assert created
+    return job.id
+
+
+def finish(
+    store: Store, job_id: int, endpoints: tuple[str, ...] = ("app", "audit"), status: str = "done"
+) -> bool:
+    return store.finish_job(
+        job_id,
+        now=T0 + 10,
+        result_status=status,
+        result={"status": status, "text": "hello"},
+        deliveries=[NewDelivery(e, "transcript_ready", json.dumps({"e": e})) for e in endpoints],
+        http_status=200,
+        detail=None,
+    )
+
+
+def attempt(
+    store: Store,
+    delivery_id: int,
+    outcome: str,
+    *,
+    now: float = T0 + 20,
+    next_attempt_at: float | None = None,
+    spend: bool = True,
+) -> bool:
+    ok = outcome == "delivered"
+    return store.record_attempt(
+        delivery_id,
+        now=now,
+        duration=0.05,
+        status=200 if ok else 500,
+        error=None if ok else "HTTP 500",
+        outcome=outcome,
+        next_attempt_at=next_attempt_at,
+        spend=spend,
+    )
+
+
+def state(store: Store, job_id: int) -> JobState:
+    job = store.job_by_id(job_id)
+    assert job is not None
+    return job.state
+
+
+# -- schema and files ----------------------------------------------------------------------------
+
+
+def test_new_file_gets_schema_version_and_wal(store: Store, db_path: Path) -> None:
+    """A fresh database is created with its parent dir, stamped with user_version, in WAL mode."""
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    raw.close()
+    assert {"jobs", "polls", "deliveries", "attempts"} <= tables
+    assert store.integrity_check() == "ok"
+
+
+def test_reopening_does_not_migrate_again(db_path: Path) -> None:
+    """Opening an up-to-date database leaves its schema version and data alone."""
+    first = Store(db_path)
+    add(first)
+    first.close()
+    second = Store(db_path)
+    try:
+        assert second._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
+        assert second.get_job("xosum", "doc-1") is not None
+    finally:
+        second.close()
+
+
+def test_reopen_keeps_everything(db_path: Path) -> None:
+    """Jobs, polls, deliveries and attempts all survive a close and reopen."""
+    s = Store(db_path)
+    job_id = add(s, metadata={"user": 7}, endpoints=("app",))
+    s.record_poll(
+        job_id,
+        now=T0 + 1,
+        http_status=200,
+        outcome="pending",
+        detail=None,
+        next_poll_at=T0 + 5,
+        errors=0,
+        not_found=0,
+        last_status="processing",
+        etag='"v1"',
+    )
+    assert finish(s, job_id, ("app",))
+    (delivery,) = s.deliveries_for(job_id)
+    assert attempt(s, delivery.id, "retry", next_attempt_at=T0 + 30)
+    s.close()
+
+    s = Store(db_path)
+    try:
+        job = s.job_by_id(job_id)
+        assert job is not None
+        assert job.state == JobState.DELIVERING
+        assert job.metadata == {"user": 7}
+        assert job.endpoints == ("app",)
+        assert job.etag == '"v1"'
+        assert job.polls == 2
+        assert s.job_result(job_id) == {"status": "done", "text": "hello"}
+        assert [p["outcome"] for p in s.polls_for(job_id)] == ["pending", "finished"]
+        (again,) = s.deliveries_for(job_id)
+        assert again.webhook_id == delivery.webhook_id
+        assert again.attempts == 1
+        assert again.next_attempt_at == T0 + 30
+        assert [a["outcome"] for a in s.attempts_for(again.id)] == ["retry"]
+        assert s.integrity_check() == "ok"
+    finally:
+        s.close()
+
+
+def test_migrates_a_version_1_database(db_path: Path) -> None:
+    """A database from schema version 1 is upgraded in place, its jobs kept."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    raw.executescript(SCHEMA[0])
+    raw.execute(
+        "INSERT INTO jobs (provider, doc_id, state, source, submitted_at, next_poll_at,"
+        " updated_at) VALUES ('xosum', 'old-job', 'polling', 'spool', 1, 1, 1)"
+    )
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    s = Store(db_path)
+    try:
+        assert s._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
+        job = s.get_job("xosum", "old-job")
+        assert job is not None and job.state == JobState.POLLING
+        assert s.take_budgets() == {}
+        assert s.integrity_check() == "ok"
+    finally:
+        s.close()
+
+
+def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
+    """Saved budgets are read back after reopening, then forgotten (a crash must not reuse them)."""
+    s = Store(db_path)
+    s.save_budgets({"key-a": {"frees": [T0 + 1.5]}, "key-b": {"frees": []}}, now=T0)
+    latest = {"key-a": {"frees": [T0 + 3.0], "blocked_until": T0 + 9.0}}
+    s.save_budgets(latest, now=T0 + 1)  # the latest save replaces the last
+    s.close()
+    s = Store(db_path)
+    try:
+        assert s.take_budgets() == latest
+        assert s.take_budgets() == {}
+    finally:
+        s.close()
+
+
+def test_recently_active(store: Store) -> None:
+    """A provider is active if a job is still polled or one changed since `since`."""
+    assert not store.recently_active(["xosum"], T0 - 100)
+    job_id = add(store)
+    assert store.recently_active(["xosum", "aitronos"], T0 + 1000)  # still polling
+    assert not store.recently_active(["aitronos"], T0 - 100)
+    store.end_job(job_id, JobState.EXPIRED, now=T0 + 10, detail="old")
+    assert store.recently_active(["xosum"], T0 + 10)
+    assert not store.recently_active(["xosum"], T0 + 11)
+
+
+def test_readonly_store_reads_but_refuses_writes(store: Store, db_path: Path) -> None:
+    """A read-only Store (CLI status) sees the data; any write raises StoreError, not sqlite3."""
+    job_id = add(store)
+    ro = Store(db_path, readonly=True)
+    try:
+        assert ro.get_job("xosum", "doc-1") is not None
+        with pytest.raises(StoreError) as info:
+            ro.add_jobs([Submission("doc-2", "xosum")], source="api", now=T0)
+        assert not isinstance(info.value, sqlite3.Error)
+        with pytest.raises(StoreError):
+            ro.cancel(job_id, now=T0)
+        with pytest.raises(StoreError):
+            ro.end_job(job_id, JobState.EXPIRED, now=T0, detail="x")
+    finally:
+        ro.close()
+    assert store.get_job("xosum", "doc-2") is None
+    assert state(store, job_id) == JobState.POLLING
+
+
+def test_readonly_store_of_missing_file_is_a_store_error(tmp_path: Path) -> None:
+    """Opening a database that does not exist read-only fails as StoreError, creating nothing."""
+    path = tmp_path / "nothing" / "relayd.db"
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(path, readonly=True)
+    assert not path.exists()
+
+
+def test_readonly_store_path_with_hash(tmp_path: Path) -> None:
+    """A state_dir whose name contains '#' opens the same database read-only."""
+    path = tmp_path / "state#1" / "relayd.db"
+    s = Store(path)
+    add(s)
+    s.close()
+    ro = Store(path, readonly=True)
+    try:
+        assert ro.get_job("xosum", "doc-1") is not None
+    finally:
+        ro.close()
+        assert not (tmp_path / "state").exists(), "a stray database was created"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root ignores directory permissions",
+)
+def test_readonly_directory_is_a_store_error(tmp_path: Path) -> None:
+    """A state dir that cannot be written gives StoreError, not a raw sqlite3 error."""
+    state_dir = tmp_path / "ro"
+    state_dir.mkdir()
+    state_dir.chmod(0o500)
+    try:
+        with pytest.raises(StoreError) as info:
+            Store(state_dir / "relayd.db")
+        assert not isinstance(info.value, sqlite3.Error)
+    finally:
+        state_dir.chmod(0o700)
+
+
+def test_database_path_that_is_a_directory_is_a_store_error(tmp_path: Path) -> None:
+    """A path SQLite cannot open gives StoreError naming the path."""
+    path = tmp_path / "relayd.db"
+    path.mkdir()
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(path)
+
+
+def test_state_dir_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    """A state dir that cannot be made (its parent is a file) gives StoreError, not OSError."""
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError):
+        Store(tmp_path / "file" / "state" / "relayd.db")
+
+
+# -- intake --------------------------------------------------------------------------------------
+
+
+def test_add_jobs_is_idempotent(store: Store) -> None:
+    """A known (provider, docId) is left as is and reported as not created."""
+    first = store.add_jobs(
+        [Submission("doc-1", "xosum", {"v": 1}, ("app",))], source="spool", now=T0
+    )
+    again = store.add_jobs(
+        [Submission("doc-1", "xosum", {"v": 2}, None), Submission("doc-2", "xosum")],
+        source="api",
+        now=T0 + 5,
+    )
+    (job, created), (same, created_again), (other, created_other) = *first, *again
+    assert created and not created_again and created_other
+    assert same == job
+    assert same.metadata == {"v": 1}
+    assert same.endpoints == ("app",)
+    assert same.source == "spool"
+    assert job.state == JobState.POLLING
+    assert job.next_poll_at == T0  # first poll as soon as the budget allows
+    assert other.id != job.id
+
+
+def test_duplicate_in_one_batch_is_created_once(store: Store) -> None:
+    """The same id twice in one file gives one job, created the first time only."""
+    out = store.add_jobs([Submission("a", "xosum"), Submission("a", "xosum")], source="api", now=T0)
+    assert [created for _, created in out] == [True, False]
+    assert out[0][0].id == out[1][0].id
+
+
+def test_same_doc_id_under_two_providers_is_two_jobs(store: Store) -> None:
+    """Jobs are keyed by provider and docId together."""
+    a = add(store, "doc-1", "xosum")
+    b = add(store, "doc-1", "aitronos")
+    assert a != b
+    assert {j.provider for j in store.find_jobs("doc-1")} == {"xosum", "aitronos"}
+
+
+# -- polling -------------------------------------------------------------------------------------
+
+
+def test_record_poll_updates_the_job(store: Store) -> None:
+    """A not-yet poll counts, reschedules, and keeps the last status and ETag unless replaced."""
+    job_id = add(store)
+    assert store.record_poll(
+        job_id,
+        now=T0 + 1,
+        http_status=200,
+        outcome="pending",
+        detail=None,
+        next_poll_at=T0 + 6,
+        errors=0,
+        not_found=0,
+        last_status="processing",
+        etag='"e1"',
+    )
+    assert store.record_poll(
+        job_id,
+        now=T0 + 6,
+        http_status=503,
+        outcome="error",
+        detail="HTTP 503",
+        next_poll_at=T0 + 20,
+        errors=1,
+        not_found=0,
+    )
+    job = store.job_by_id(job_id)
+    assert job is not None
+    assert (job.polls, job.errors, job.next_poll_at) == (2, 1, T0 + 20)
+    assert (job.last_status, job.etag) == ("processing", '"e1"')
+    assert job.state == JobState.POLLING
+    assert store.polling_jobs() == [(job_id, "xosum", T0 + 20)]
+    polls = store.polls_for(job_id)
+    assert [(p["http_status"], p["outcome"]) for p in polls] == [(200, "pending"), (503, "error")]
+
+
+def test_finish_job_creates_pending_deliveries(store: Store) -> None:
+    """A terminal poll stores the result and one pending delivery per endpoint, due at once."""
+    job_id = add(store)
+    assert finish(store, job_id)
+    job = store.job_by_id(job_id)
+    assert job is not None
+    assert job.state == JobState.DELIVERING
+    assert job.result_status == "done"
+    assert job.finished_at == T0 + 10
+    deliveries = store.deliveries_for(job_id)
+    assert [d.endpoint for d in deliveries] == ["app", "audit"]
+    assert all(d.state == DeliveryState.PENDING for d in deliveries)
+    assert all(d.next_attempt_at == T0 + 10 and d.attempts == 0 for d in deliveries)
+    assert store.pending_endpoints() == {"app", "audit"}
+    assert store.next_delivery_at("app", T0) == T0 + 10
+    assert store.next_delivery_at("app", T0 + 10) is None  # those due now are in hand
+    assert [d.id for d in store.due_deliveries("app", T0 + 10, 10)] == [deliveries[0].id]
+    assert store.due_deliveries("app", T0 + 9, 10) == []
+    assert store.polling_jobs() == []
+
+
+def test_finish_job_twice_is_refused(store: Store) -> None:
+    """Only a job still being polled can finish; a second finish changes nothing."""
+    job_id = add(store)
+    assert finish(store, job_id)
+    assert not finish(store, job_id, ("app", "audit", "other"))
+    assert len(store.deliveries_for(job_id)) == 2
+
+
+def test_finish_without_deliveries_is_final(store: Store) -> None:
+    """No endpoint wants the event: done ends delivered, failed ends failed, at once."""
+    done, failed = add(store, "a"), add(store, "b")
+    assert finish(store, done, ())
+    assert finish(store, failed, (), status="failed")
+    assert state(store, done) == JobState.DELIVERED
+    assert state(store, failed) == JobState.FAILED
+
+
+def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
+    """Every endpoint and retry of one (provider, docId, event) shares one webhook-id."""
+    job_id = add(store)
+    assert finish(store, job_id)
+    ids = {d.webhook_id for d in store.deliveries_for(job_id)}
+    assert ids == {webhook_id("xosum", "doc-1", "transcript_ready")}
+    (wid,) = ids
+    assert wid.startswith("msg_") and len(wid) == 36
+    assert webhook_id("xosum", "doc-1", "transcript_ready") == wid
+    assert webhook_id("xosum", "doc-1", "transcript_failed") != wid
+    assert webhook_id("aitronos", "doc-1", "transcript_ready") != wid
+    assert webhook_id("xosum", "doc-2", "transcript_ready") != wid
+    # the separator keeps fields apart: ("a", "b.c") and ("a.b", "c") differ
+    assert webhook_id("a", "bc", "e") != webhook_id("ab", "c", "e")
+
+
+@pytest.mark.parametrize("final", [JobState.EXPIRED, JobState.UNKNOWN, JobState.CANCELLED])
+def test_end_job_stops_polling(store: Store, final: JobState) -> None:
+    """end_job moves a polled job to its final state once; later polls are refused."""
+    job_id = add(store)
+    assert store.end_job(job_id, final, now=T0 + 1, detail="why")
+    assert state(store, job_id) == final
+    assert not store.end_job(job_id, JobState.EXPIRED, now=T0 + 2, detail="again")
+    assert not store.record_poll(
+        job_id,
+        now=T0 + 3,
+        http_status=200,
+        outcome="pending",
+        detail=None,
+        next_poll_at=T0 + 4,
+        errors=0,
+        not_found=0,
+    )
+    assert not finish(store, job_id)
+    assert store.polls_for(job_id)[-1]["outcome"] == str(final)
+
+
+def test_expire_jobs_takes_only_old_polling_jobs(store: Store) -> None:
+    """Jobs submitted before the cutoff and still polled expire; others are untouched."""
+    old = add(store, "old")
+    store.add_jobs([Submission("new", "xosum")], source="api", now=T0 + 100)
+    done = add(store, "done")
+    finish(store, done, ())
+    other = add(store, "other-provider", "aitronos")
+    expired = store.expire_jobs("xosum", T0 + 50, T0 + 200)
+    assert [j.id for j in expired] == [old]
+    assert state(store, old) == JobState.EXPIRED
+    assert state(store, done) == JobState.DELIVERED
+    assert state(store, other) == JobState.POLLING
+    new = store.get_job("xosum", "new")
+    assert new is not None and new.state == JobState.POLLING
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+def test_retry_keeps_delivery_pending(store: Store) -> None:
+    """A failed attempt counts, records the error and the next due time; the job waits."""
+    job_id = add(store)
+    finish(store, job_id)
+    d = store.deliveries_for(job_id)[0]
+    assert attempt(store, d.id, "retry", next_attempt_at=T0 + 60)
+    d = store.deliveries_for(job_id)[0]
+    assert (d.state, d.attempts, d.last_error, d.next_attempt_at) == (
+        DeliveryState.PENDING,
+        1,
+        "HTTP 500",
+        T0 + 60,
+    )
+    assert state(store, job_id) == JobState.DELIVERING
+
+
+def test_deferred_attempt_does_not_spend(store: Store) -> None:
+    """An attempt not spent (endpoint's Retry-After, gate) leaves the attempt count alone."""
+    job_id = add(store)
+    finish(store, job_id)
+    d = store.deliveries_for(job_id)[0]
+    assert attempt(store, d.id, "deferred", next_attempt_at=T0 + 90, spend=False)
+    d = store.deliveries_for(job_id)[0]
+    assert (d.state, d.attempts, d.next_attempt_at) == (DeliveryState.PENDING, 0, T0 + 90)
+    assert len(store.attempts_for(d.id)) == 1
+
+
+def test_job_settles_delivered_when_all_deliveries_succeed(store: Store) -> None:
+    """The job is delivered only once its last delivery is."""
+    job_id = add(store)
+    finish(store, job_id)
+    first, second = store.deliveries_for(job_id)
+    assert attempt(store, first.id, "delivered")
+    assert state(store, job_id) == JobState.DELIVERING
+    assert attempt(store, second.id, "delivered", now=T0 + 25)
+    assert state(store, job_id) == JobState.DELIVERED
+    delivered = store.deliveries_for(job_id)[1]
+    assert delivered.state == DeliveryState.DELIVERED
+    assert delivered.delivered_at == T0 + 25
+    assert store.pending_endpoints() == set()
+
+
+def test_job_settles_dead_when_any_delivery_dies(store: Store) -> None:
+    """One dead delivery makes the job dead, even if the other was delivered."""
+    job_id = add(store)
+    finish(store, job_id)
+    first, second = store.deliveries_for(job_id)
+    assert attempt(store, first.id, "dead")
+    assert state(store, job_id) == JobState.DELIVERING
+    assert attempt(store, second.id, "delivered")
+    assert state(store, job_id) == JobState.DEAD
+    assert store.deliveries_for(job_id)[0].state == DeliveryState.DEAD
+
+
+def test_attempt_on_a_finished_delivery_is_refused(store: Store) -> None:
+    """Once delivered, a late attempt result is ignored and not recorded."""
+    job_id = add(store)
+    finish(store, job_id, ("app",))
+    (d,) = store.deliveries_for(job_id)
+    assert attempt(store, d.id, "delivered")
+    assert not attempt(store, d.id, "retry")
+    assert not attempt(store, 9999, "delivered")
+    assert [a["outcome"] for a in store.attempts_for(d.id)] == ["delivered"]
+
+
+def test_cancel_polling_job(store: Store) -> None:
+    """Cancelling a polled job stops it; cancelling again is refused."""
+    job_id = add(store)
+    assert store.cancel(job_id, now=T0 + 1)
+    assert state(store, job_id) == JobState.CANCELLED
+    assert store.polling_jobs() == []
+    assert not store.cancel(job_id, now=T0 + 2)
+
+
+def test_cancel_delivering_job_cancels_only_pending(store: Store) -> None:
+    """Cancel stops undelivered deliveries and keeps delivered ones as they were."""
+    job_id = add(store)
+    finish(store, job_id)
+    first, second = store.deliveries_for(job_id)
+    attempt(store, first.id, "delivered")
+    assert store.cancel(job_id, now=T0 + 30)
+    assert state(store, job_id) == JobState.CANCELLED
+    states = [d.state for d in store.deliveries_for(job_id)]
+    assert states == [DeliveryState.DELIVERED, DeliveryState.CANCELLED]
+    assert not attempt(store, second.id, "delivered")  # an in-flight POST finishing late
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "dead"])
+def test_cancel_final_job_is_refused(store: Store, outcome: str) -> None:
+    """A job already in a final state cannot be cancelled."""
+    job_id = add(store)
+    finish(store, job_id, ("app",))
+    (d,) = store.deliveries_for(job_id)
+    attempt(store, d.id, outcome)
+    before = store.job_by_id(job_id)
+    assert not store.cancel(job_id, now=T0 + 99)
+    assert store.job_by_id(job_id) == before
+    assert not store.cancel(424242, now=T0)
+
+
+def test_redeliver_dead_job(store: Store) -> None:
+    """redeliver resets every finished delivery, same webhook-id, and the job delivers again."""
+    job_id = add(store)
+    finish(store, job_id)
+    first, second = store.deliveries_for(job_id)
+    attempt(store, first.id, "dead")
+    attempt(store, second.id, "delivered")
+    assert state(store, job_id) == JobState.DEAD
+    assert store.redeliver(job_id, now=T0 + 100) == 2
+    assert state(store, job_id) == JobState.DELIVERING
+    again = store.deliveries_for(job_id)
+    assert all(d.state == DeliveryState.PENDING for d in again)
+    assert all(d.attempts == 0 and d.next_attempt_at == T0 + 100 for d in again)
+    assert all(d.last_error is None for d in again)
+    assert [d.webhook_id for d in again] == [first.webhook_id, second.webhook_id]
+    for d in again:
+        attempt(store, d.id, "delivered", now=T0 + 101)
+    assert state(store, job_id) == JobState.DELIVERED
+
+
+def test_redeliver_job_without_deliveries_does_nothing(store: Store) -> None:
+    """A job still polling (or with nothing to send) has nothing to redeliver."""
+    job_id = add(store)
+    assert store.redeliver(job_id, now=T0 + 1) == 0
+    assert state(store, job_id) == JobState.POLLING
+
+
+def test_counts_and_listing(store: Store) -> None:
+    """Status counts group jobs by provider and state, deliveries by endpoint and state."""
+    a, b = add(store, "a"), add(store, "b")
+    add(store, "c", "aitronos")
+    finish(store, a, ("app",))
+    store.end_job(b, JobState.UNKNOWN, now=T0 + 1, detail="404 x3")
+    assert store.job_counts() == {
+        "xosum": {"delivering": 1, "unknown": 1},
+        "aitronos": {"polling": 1},
+    }
+    assert store.delivery_counts() == {"app": {"pending": 1}}
+    assert [j.doc_id for j in store.list_jobs()] == ["c", "b", "a"]
+    assert [j.doc_id for j in store.list_jobs(state="unknown")] == ["b"]
+    assert [j.doc_id for j in store.list_jobs(provider="aitronos")] == ["c"]
+    assert store.oldest_polling() == {"aitronos": T0}
