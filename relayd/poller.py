@@ -71,6 +71,7 @@ class Upstream:
         self._poller = poller
         self._group = group
         self._provider = provider
+        self.prepaid_used = False
 
     async def get(
         self,
@@ -81,7 +82,9 @@ class Upstream:
         prepaid: bool = False,
     ) -> Answer:
         poller, group, clock = self._poller, self._group, self._poller.clock
-        if not prepaid:
+        if prepaid and not self.prepaid_used:
+            self.prepaid_used = True
+        else:
             await poller.acquire(group)
         code = "error"
         try:
@@ -284,7 +287,7 @@ class Poller:
             group.waiters -= 1
 
     async def run(self) -> None:
-        self.load()
+        """Dispatch polls until stopped. The caller has run `load()` (recovery) first."""
         expiry_due = 0.0
         try:
             while not self._stopping:
@@ -369,8 +372,9 @@ class Poller:
             self.store.end_job(job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed")
             log.warning("job expired", extra=ctx)
             return None
+        upstream = Upstream(self, group, pc)
         try:
-            outcome = await provider.poll(job, Upstream(self, group, pc))
+            outcome = await provider.poll(job, upstream)
         except RateLimited:
             return job.next_poll_at  # keeps its place in line
         except Unauthorized as exc:
@@ -387,6 +391,9 @@ class Poller:
             return due
         except ProviderError as exc:
             return self._failed_poll(job, pc, exc, ctx)
+        finally:
+            if not upstream.prepaid_used:
+                group.budget.unused()  # the provider never sent: give the slot back
         self._resume(group, pc)
         now = self.clock.time()
         if isinstance(outcome, Finished):

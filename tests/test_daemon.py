@@ -415,7 +415,8 @@ async def test_clean_restart_carries_the_budget_over(
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"busy-{i}"} for i in range(20)])
         await eventually(lambda: len(provider.arrivals) >= 12)
     stopped_at = len(provider.arrivals)
-    async with running(config):
+    async with running(config) as daemon:
+        assert daemon.poller.status()["main"]["blocked_for"] == 0  # no crash pause
         await eventually(lambda: len(provider.arrivals) >= stopped_at + 8, timeout=5)
     assert provider.max_in_rolling_window() <= 8
     assert provider.rejected == 0
@@ -472,3 +473,29 @@ async def test_a_429_closes_the_key_and_the_block_survives_a_clean_restart(
             await eventually(lambda: len(mock.arrivals) > burst, timeout=3)
     finally:
         await runner.cleanup()
+
+
+async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """A poll that raises before any request leaks no budget slot and keeps the job polling."""
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    calls = 0
+
+    class Broken:
+        name, kind = "main", "xosum"
+
+        async def poll(self, job: object, http: object) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("bug before any request")
+
+    async with running(config) as daemon:
+        daemon.poller.providers = {"main": Broken()}  # type: ignore[dict-item]
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"leak-{i}"} for i in range(3)])
+        await eventually(lambda: calls >= 6, what="repeated polls")
+        budget = daemon.poller.group_of["main"].budget
+        await eventually(lambda: budget.in_flight == 0)
+        assert budget.available(daemon.clock.monotonic()) == 8
+        assert states(daemon) == {"polling": 3}
+    assert provider.arrivals == []
