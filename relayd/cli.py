@@ -10,7 +10,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +329,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_redeliver(args: argparse.Namespace) -> int:
+def _act_on_jobs(args: argparse.Namespace, act: Callable[[Any, Any], tuple[bool, str]]) -> int:
+    """Run `act(store, job)` on every job named; it works with or without a running daemon."""
     store = _open_store(_config(args), write=True)
     failures = 0
     for doc_id in args.doc_ids:
@@ -338,30 +339,31 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
             print(f"{doc_id}: no such job", file=sys.stderr)
             failures += 1
         for job in jobs:
-            n = store.redeliver(job.id, now=time.time())
-            if n:
-                print(f"{job.provider}/{doc_id}: {n} delivery(ies) queued again")
-            else:
-                print(f"{job.provider}/{doc_id}: nothing to deliver ({job.state})", file=sys.stderr)
-                failures += 1
+            ok, message = act(store, job)
+            print(f"{job.provider}/{doc_id}: {message}", file=sys.stdout if ok else sys.stderr)
+            failures += not ok
     return 1 if failures else 0
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    def redeliver(store: Any, job: Any) -> tuple[bool, str]:
+        n = store.redeliver(job.id, now=time.time())
+        return (
+            (True, f"{n} delivery(ies) queued again")
+            if n
+            else (False, f"nothing to deliver ({job.state})")
+        )
+
+    return _act_on_jobs(args, redeliver)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = _open_store(_config(args), write=True)
-    failures = 0
-    for doc_id in args.doc_ids:
-        jobs = _find_jobs(store, doc_id, args.provider)
-        if not jobs:
-            print(f"{doc_id}: no such job", file=sys.stderr)
-            failures += 1
-        for job in jobs:
-            if store.cancel(job.id, now=time.time()):
-                print(f"{job.provider}/{doc_id}: cancelled")
-            else:
-                print(f"{job.provider}/{doc_id}: already {job.state}", file=sys.stderr)
-                failures += 1
-    return 1 if failures else 0
+    def cancel(store: Any, job: Any) -> tuple[bool, str]:
+        if store.cancel(job.id, now=time.time()):
+            return True, "cancelled"
+        return False, f"already {job.state}"
+
+    return _act_on_jobs(args, cancel)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
