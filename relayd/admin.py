@@ -127,7 +127,7 @@ class Api:
         job = self.daemon.store.get_job(provider, doc_id)
         if job is None:
             return error(404, f"no job {provider}/{doc_id}")
-        count = self.daemon.store.redeliver(job.id, now=self.daemon.clock.time())
+        count = self.daemon.store.redeliver(job_id=job.id, now=self.daemon.clock.time())
         if not count:
             return error(409, f"job {provider}/{doc_id} has nothing to deliver ({job.state})")
         self.daemon.deliverer.wake()

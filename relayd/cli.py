@@ -75,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--provider")
     sp.add_argument("--json", action="store_true")
     sp = cmd("redeliver", cmd_redeliver, "deliver finished jobs again (also dead ones)")
-    sp.add_argument("doc_ids", nargs="+", metavar="DOCID")
+    sp.add_argument("doc_ids", nargs="*", metavar="DOCID", help="jobs (or use the filters)")
     sp.add_argument("--provider")
+    sp.add_argument("--endpoint", help="only deliveries to this endpoint")
+    sp.add_argument("--state", choices=["dead", "delivered", "pending"], help="only these")
+    sp.add_argument(
+        "--since", metavar="WHEN", help="only jobs finished since: a duration ('2h') or ISO time"
+    )
     sp = cmd("cancel", cmd_cancel, "stop polling and delivering jobs")
     sp.add_argument("doc_ids", nargs="+", metavar="DOCID")
     sp.add_argument("--provider")
@@ -345,14 +350,43 @@ def _act_on_jobs(args: argparse.Namespace, act: Callable[[Any, Any], tuple[bool,
     return 1 if failures else 0
 
 
+def _since(value: str | None) -> float | None:
+    from datetime import datetime
+
+    from relayd.config import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise CliError(f"--since {value!r}: expected a duration ('2h') or an ISO time") from None
+
+
 def cmd_redeliver(args: argparse.Namespace) -> int:
+    since = _since(args.since)
+    filters: dict[str, Any] = {"endpoint": args.endpoint, "since": since}
+    if args.state:
+        filters["states"] = (args.state,)
+    if not args.doc_ids:
+        if not (args.endpoint or args.state or args.since):
+            print("relayd: redeliver needs DOCIDs or a filter (--endpoint/--state/--since)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        store = _open_store(_config(args), write=True)
+        n = store.redeliver(now=time.time(), **filters)
+        print(f"{n} delivery(ies) queued again")
+        return 0
+
     def redeliver(store: Any, job: Any) -> tuple[bool, str]:
-        n = store.redeliver(job.id, now=time.time())
-        return (
-            (True, f"{n} delivery(ies) queued again")
-            if n
-            else (False, f"nothing to deliver ({job.state})")
-        )
+        n = store.redeliver(now=time.time(), job_id=job.id, **filters)
+        if n:
+            return True, f"{n} delivery(ies) queued again"
+        return False, f"nothing to deliver ({job.state})"
 
     return _act_on_jobs(args, redeliver)
 

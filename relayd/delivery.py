@@ -231,14 +231,18 @@ class Deliverer:
             spend=not deferral,
         )
         self.metrics.deliveries.labels(endpoint.name, "retry").inc()
-        log.warning(
-            "delivery failed (attempt %d of %d): %s; next in %.2fs",
-            attempts,
-            endpoint.max_attempts,
-            outcome.error,
-            delay,
-            extra=ctx,
-        )
+        if deferral:
+            log.warning("endpoint deferred delivery (%s): next in %.2fs", outcome.error, delay,
+                        extra=ctx)  # fmt: skip
+        else:
+            log.warning(
+                "delivery failed (attempt %d of %d): %s; next in %.2fs",
+                attempts,
+                endpoint.max_attempts,
+                outcome.error,
+                delay,
+                extra=ctx,
+            )
 
     async def drain(self, bound: float) -> int:
         """Let POSTs in flight finish within `bound` seconds; return how many were cut off."""

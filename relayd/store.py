@@ -660,24 +660,47 @@ class Store:
             (final, now, job_id, JobState.DELIVERING),
         )
 
-    def redeliver(self, job_id: int, *, now: float) -> int:
-        """Send a finished job's deliveries again, dead ones included. Returns how many."""
+    def redeliver(
+        self,
+        *,
+        now: float,
+        job_id: int | None = None,
+        endpoint: str | None = None,
+        states: Sequence[str] = (
+            DeliveryState.DELIVERED,
+            DeliveryState.DEAD,
+            DeliveryState.PENDING,
+        ),
+        since: float | None = None,
+    ) -> int:
+        """Queue deliveries again with a fresh set of attempts; each replay is recorded in the
+        attempt history. Filters combine; returns how many deliveries were queued."""
+        where = [f"state IN ({','.join('?' * len(states))})"]
+        args: list[Any] = [*states]
+        for clause, value in (("job_id=?", job_id), ("endpoint=?", endpoint)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        if since is not None:
+            where.append("created_at>=?")
+            args.append(since)
         with self._write() as db:
-            cur = db.execute(
-                "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, last_error=NULL"
-                " WHERE job_id=? AND state IN (?,?,?)",
-                (
-                    DeliveryState.PENDING,
-                    now,
-                    job_id,
-                    DeliveryState.DELIVERED,
-                    DeliveryState.DEAD,
-                    DeliveryState.PENDING,
-                ),
-            )
-            if cur.rowcount:
+            rows = db.execute(
+                f"SELECT id, job_id FROM deliveries WHERE {' AND '.join(where)}", args
+            ).fetchall()
+            for delivery_id, owner in rows:
+                db.execute(
+                    "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?,"
+                    " last_error=NULL WHERE id=?",
+                    (DeliveryState.PENDING, now, delivery_id),
+                )
+                db.execute(
+                    "INSERT INTO attempts (delivery_id, at, status, error, duration, outcome)"
+                    " VALUES (?,?,NULL,NULL,0,'replay')",
+                    (delivery_id, now),
+                )
                 db.execute(
                     "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
-                    (JobState.DELIVERING, now, job_id),
+                    (JobState.DELIVERING, now, owner),
                 )
-            return int(cur.rowcount)
+        return len(rows)

@@ -130,6 +130,10 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
     # with the daemon stopped, the database commands still work
     code, out, err = await arelayd("redeliver", "-c", str(path), "cli-1")
     assert code == 0, err
+    code, out, _ = await arelayd("redeliver", "-c", str(path))
+    assert code == 2  # neither ids nor a filter: refuses to replay everything
+    code, out, err = await arelayd("redeliver", "-c", str(path), "--state", "dead", "--since", "1h")
+    assert (code, out.strip()) == (0, "0 delivery(ies) queued again"), err
     code, out, err = await arelayd("cancel", "-c", str(path), "cli-slow")
     assert code == 0 and "cancelled" in out, err
     code, out, _ = await arelayd("status", "-c", str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,85 @@ async def test_signatures_verify_with_the_standard_webhooks_library(
     assert got.headers["webhook-signature"].count("v1,") == 2
     for secret in (SECRET, OLD_SECRET):
         assert Webhook(secret).verify(got.body, headers)["docId"] == "signed"
+
+
+async def test_a_running_daemon_picks_up_a_replay_made_on_the_database(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """`relayd redeliver` writes to the database; the running daemon sends it within ~1 s."""
+    from relayd.store import Store
+
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "again"})
+        await receiver.wait_for(1)
+        await eventually(lambda: settled(daemon, 1))
+        other = Store(config.settings.state_dir / "relayd.db")  # what the CLI opens
+        try:
+            assert other.redeliver(now=time.time(), endpoint="app") == 1
+        finally:
+            other.close()
+        await receiver.wait_for(2, timeout=5)
+        await eventually(lambda: settled(daemon, 1))
+    first, second = receiver.accepted
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+
+
+async def test_endpoint_deferrals_do_not_spend_attempts_and_redirects_fail(
+    tmp_path: Path, provider: mock_provider.MockProvider, aiohttp_server: Any
+) -> None:
+    """429/503 with Retry-After defer without spending attempts; a 3xx is never followed."""
+    answers = [
+        web.Response(status=429, headers={"Retry-After": "0"}),
+        web.Response(status=503, headers={"Retry-After": "0"}),
+        web.Response(status=302, headers={"Location": "/elsewhere"}),
+        web.Response(status=200),
+    ]
+    seen: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return answers[min(len(seen) - 1, 3)] if request.path == "/hook/app" else web.Response()
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", hook)
+    server = await aiohttp_server(app)
+    data = config_dict(tmp_path, provider.port, {"app": server.port})
+    data["endpoints"]["app"]["max_attempts"] = 2
+    config = make_config(data, tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "defer"})
+        await eventually(lambda: settled(daemon, 1))
+        _, detail = await api(daemon, "GET", "/v1/jobs/main/defer")
+    assert seen == ["/hook/app"] * 4  # never /elsewhere
+    history = [(a["status"], a["outcome"]) for a in detail["deliveries"][0]["history"]]
+    assert history == [(429, "deferred"), (503, "deferred"), (302, "retry"), (200, "delivered")]
+    assert detail["deliveries"][0]["attempts"] == 2  # the redirect and the success, no deferral
+
+
+async def test_disk_full_refuses_intake_and_harms_nothing(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """With the database full, the API answers 503 and spool files stay; then all recovers."""
+    provider.add_job("stored-before", ready_after=0.6)
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "stored-before"})
+        db = daemon.store._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on
+        filler = [{"docId": f"fill-{i}", "metadata": {"pad": "x" * 2000}} for i in range(40)]
+        status, answer = await api(daemon, "POST", "/v1/jobs", filler)
+        assert status == 503 and "full" in answer["error"]
+        spool_file = config.settings.spool_dir / "waiting.json"
+        spool_file.write_text(json.dumps(filler))
+        await eventually(lambda: daemon.spool.error is not None, what="spool refusal")
+        assert spool_file.exists()
+        _, health = await api(daemon, "GET", "/healthz")
+        assert health == {"status": "ok"}
+        db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        daemon.spool.scan()
+        assert not spool_file.exists()
+        await eventually(lambda: settled(daemon, 41), timeout=15)
+        assert daemon.store.integrity_check() == "ok"
+    assert {r.json()["docId"] for r in receiver.accepted} >= {"stored-before", "fill-0"}

@@ -562,7 +562,7 @@ def test_redeliver_dead_job(store: Store) -> None:
     attempt(store, first.id, "dead")
     attempt(store, second.id, "delivered")
     assert state(store, job_id) == JobState.DEAD
-    assert store.redeliver(job_id, now=T0 + 100) == 2
+    assert store.redeliver(job_id=job_id, now=T0 + 100) == 2
     assert state(store, job_id) == JobState.DELIVERING
     again = store.deliveries_for(job_id)
     assert all(d.state == DeliveryState.PENDING for d in again)
@@ -577,7 +577,7 @@ def test_redeliver_dead_job(store: Store) -> None:
 def test_redeliver_job_without_deliveries_does_nothing(store: Store) -> None:
     """A job still polling (or with nothing to send) has nothing to redeliver."""
     job_id = add(store)
-    assert store.redeliver(job_id, now=T0 + 1) == 0
+    assert store.redeliver(job_id=job_id, now=T0 + 1) == 0
     assert state(store, job_id) == JobState.POLLING
 
 
@@ -596,3 +596,23 @@ def test_counts_and_listing(store: Store) -> None:
     assert [j.doc_id for j in store.list_jobs(state="unknown")] == ["b"]
     assert [j.doc_id for j in store.list_jobs(provider="aitronos")] == ["c"]
     assert store.oldest_polling() == {"aitronos": T0}
+
+
+def test_redeliver_by_filter_records_each_replay(store: Store) -> None:
+    """Filters (endpoint, state, since) pick deliveries; each replay is an attempt row."""
+    old, new = add(store, "old-doc"), add(store, "new-doc")
+    for job_id, at in ((old, T0 + 10), (new, T0 + 50)):
+        store.finish_job(
+            job_id, now=at, result_status="done", result={}, http_status=200, detail=None,
+            deliveries=[NewDelivery("app", "ev", "{}"), NewDelivery("audit", "ev", "{}")],
+        )  # fmt: skip
+        for d in store.deliveries_for(job_id):
+            attempt(store, d.id, "dead" if d.endpoint == "app" else "delivered", now=T0 + 60)
+    assert store.redeliver(now=T0 + 70, states=("dead",), since=T0 + 40) == 1
+    [replayed] = [d for d in store.deliveries_for(new) if d.state == DeliveryState.PENDING]
+    assert replayed.endpoint == "app"
+    assert [a["outcome"] for a in store.attempts_for(replayed.id)] == ["dead", "replay"]
+    assert state(store, old) == JobState.DEAD  # too old for --since
+    assert store.redeliver(now=T0 + 80, endpoint="app", states=("dead",)) == 1  # old-doc's
+    assert state(store, old) == JobState.DELIVERING
+    assert store.redeliver(now=T0 + 90, endpoint="audit", states=("dead",)) == 0
