@@ -197,3 +197,22 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
         await eventually(lambda: settled(daemon, 41), timeout=15)
         assert daemon.store.integrity_check() == "ok"
     assert {r.json()["docId"] for r in receiver.accepted} >= {"stored-before", "fill-0"}
+
+
+async def test_graceful_stop_lets_a_post_in_flight_finish(
+    tmp_path: Path, provider: mock_provider.MockProvider, aiohttp_server: Any
+) -> None:
+    """Stopping while a POST is in flight waits for its answer and records it as delivered."""
+    from relayd.store import Store
+
+    server, _ = await slow_endpoint(aiohttp_server, 0.4)
+    config = make_config(config_dict(tmp_path, provider.port, {"app": server.port}), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "in-flight"})
+        await eventually(lambda: any(s.in_flight for s in daemon.deliverer.endpoints.values()))
+    store = Store(config.settings.state_dir / "relayd.db")
+    try:
+        job = store.get_job("main", "in-flight")
+        assert job is not None and job.state == "delivered"
+    finally:
+        store.close()
