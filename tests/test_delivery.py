@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
@@ -171,20 +172,26 @@ async def test_endpoint_deferrals_do_not_spend_attempts_and_redirects_fail(
     assert detail["deliveries"][0]["attempts"] == 2  # the redirect and the success, no deferral
 
 
+@pytest.mark.parametrize("fault", ["full", "readonly"])
 async def test_disk_full_refuses_intake_and_harms_nothing(
-    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver, fault: str
 ) -> None:
-    """With the database full, the API answers 503 and spool files stay; then all recovers."""
+    """With the database full (or read-only), the API answers 503 and spool files stay; once
+    it can be written again everything is taken and delivered."""
     provider.add_job("stored-before", ready_after=0.6)
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "stored-before"})
         db = daemon.store._db
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on
+        if fault == "full":
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on
+        else:
+            db.execute("PRAGMA query_only = ON")  # SQLITE_READONLY from here on
         filler = [{"docId": f"fill-{i}", "metadata": {"pad": "x" * 2000}} for i in range(40)]
         status, answer = await api(daemon, "POST", "/v1/jobs", filler)
-        assert status == 503 and "full" in answer["error"]
+        assert status == 503
+        assert ("full" if fault == "full" else "readonly") in answer["error"]
         spool_file = config.settings.spool_dir / "waiting.json"
         spool_file.write_text(json.dumps(filler))
         await eventually(lambda: daemon.spool.error is not None, what="spool refusal")
@@ -192,6 +199,7 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
         _, health = await api(daemon, "GET", "/healthz")
         assert health == {"status": "ok"}
         db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        db.execute("PRAGMA query_only = OFF")
         daemon.spool.scan()
         assert not spool_file.exists()
         await eventually(lambda: settled(daemon, 41), timeout=15)
