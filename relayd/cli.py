@@ -179,12 +179,13 @@ def _age(seconds: float | None) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from relayd import daemon, logs
+    from relayd.store import StoreError
 
     config = _config(args)
     logs.setup(config.settings.log_level, config.settings.log_format)
     try:
         asyncio.run(daemon.run(config))
-    except* OSError as group:
+    except* (OSError, StoreError) as group:
         raise CliError("; ".join(str(e) for e in group.exceptions)) from None
     return 0
 

@@ -70,6 +70,7 @@ class Daemon:
         self._catalog = self._make_catalog(config)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
+        self._socket_bound = False  # only a socket this process bound is removed at exit
         # built in serve(), once there is a running loop
         self.store: Store
         self.poller: Poller
@@ -159,7 +160,7 @@ class Daemon:
                 await runner.cleanup()
             await session.close()
             self.store.close()
-            if settings.socket is not None:
+            if settings.socket is not None and self._socket_bound:
                 with contextlib.suppress(OSError):
                     settings.socket.unlink()
         log.info("relayd stopped")
@@ -245,6 +246,7 @@ class Daemon:
             await runner.setup()
             runners.append(runner)
             await web.UnixSite(runner, str(path)).start()
+            self._socket_bound = True
             os.chmod(path, 0o660)
         if settings.http is not None:
             token = settings.api_token.value if settings.api_token else None
@@ -342,7 +344,7 @@ def _remove_stale_socket(path: Path) -> None:
     except OSError:
         path.unlink()  # nobody listens: left over from a crash
     else:
-        raise RuntimeError(f"{path}: another relayd is listening on this socket")
+        raise OSError(f"{path}: another relayd is listening on this socket")
     finally:
         probe.close()
 

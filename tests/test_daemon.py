@@ -505,3 +505,18 @@ async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
         assert budget.available(daemon.clock.monotonic()) == 8
         assert states(daemon) == {"polling": 3}
     assert provider.arrivals == []
+
+
+async def test_a_second_daemon_on_the_same_socket_refuses_and_leaves_it_alone(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """Starting twice on one socket fails the second start; the first keeps its socket."""
+    import pytest
+
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    async with running(config) as first:
+        with pytest.raises(OSError, match="another relayd is listening"):
+            async with running(config):
+                pass
+        status, _ = await api(first, "GET", "/healthz")
+        assert status == 200
