@@ -688,19 +688,18 @@ class Store:
             rows = db.execute(
                 f"SELECT id, job_id FROM deliveries WHERE {' AND '.join(where)}", args
             ).fetchall()
-            for delivery_id, owner in rows:
-                db.execute(
-                    "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?,"
-                    " last_error=NULL WHERE id=?",
-                    (DeliveryState.PENDING, now, delivery_id),
-                )
-                db.execute(
-                    "INSERT INTO attempts (delivery_id, at, status, error, duration, outcome)"
-                    " VALUES (?,?,NULL,NULL,0,'replay')",
-                    (delivery_id, now),
-                )
-                db.execute(
-                    "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
-                    (JobState.DELIVERING, now, owner),
-                )
+            db.executemany(
+                "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, last_error=NULL"
+                " WHERE id=?",
+                [(DeliveryState.PENDING, now, delivery_id) for delivery_id, _ in rows],
+            )
+            db.executemany(
+                "INSERT INTO attempts (delivery_id, at, status, error, duration, outcome)"
+                " VALUES (?,?,NULL,NULL,0,'replay')",
+                [(delivery_id, now) for delivery_id, _ in rows],
+            )
+            db.executemany(
+                "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
+                [(JobState.DELIVERING, now, owner) for owner in {owner for _, owner in rows}],
+            )
         return len(rows)
