@@ -72,6 +72,7 @@ class ProviderConfig:
     endpoints: tuple[str, ...]
     timeout: float  # one upstream request
     auth_header: str  # "Name: Prefix" sends "Prefix <key>"; "Name" alone sends the bare key
+    adaptive_polling: bool = True  # poll by expected finish time; False: every poll_interval
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,12 @@ def parse_duration(value: object) -> float:
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_type(value)}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type(value)}")
     return value
 
 
@@ -430,6 +437,7 @@ def _provider(p: _Parser, name: str, data: object, endpoints: Collection[str]) -
         endpoints=names,
         timeout=t.take("timeout", parse_duration, 30.0),
         auth_header=t.take("auth_header", _auth_header, "Authorization: Bearer"),
+        adaptive_polling=t.take("adaptive_polling", _bool, True),
     )
 
 
@@ -565,6 +573,7 @@ _STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
         ("endpoints", ["app"], "where finished jobs of this provider go"),
         ("timeout", "30s", "limit on one request to the provider"),
         ("auth_header", "Authorization: Bearer", '"Header: Prefix" sends "Prefix <key>"'),
+        ("adaptive_polling", True, "poll by expected finish; false: every poll_interval"),
     )),
     ("endpoints.app", (
         ("url", "http://127.0.0.1:8080/webhooks/xosum", "your existing webhook receiver"),

@@ -158,6 +158,7 @@ def test_defaults_fill_every_optional_key() -> None:
     assert (p.rate_limit, p.rate_window, p.poll_interval, p.max_job_age) == (60, 60, 7, 86400)
     assert (p.webhook_secret, p.link_template, p.timeout) == (None, "", 30.0)
     assert p.auth_header == "Authorization: Bearer"
+    assert p.adaptive_polling is True
     e = config.endpoints["app"]
     assert e.timeout == 10.0
     assert e.events == ("transcript_ready", "transcription.completed")
@@ -374,6 +375,7 @@ def test_unknown_keys_are_refused_at_every_level() -> None:
         ("providers.main", "link_template", 5, "expected a string, got int"),
         ("providers.main", "api_key", 12345, "expected a string, got int"),
         ("providers.main", "auth_header", "Bad Header: x y", "expected"),
+        ("providers.main", "adaptive_polling", "no", "expected true or false, got str"),
         ("endpoints.app", "events", ["transcript_done"], "unknown event 'transcript_done'"),
         ("endpoints.app", "timeout", "0s", "duration must be > 0"),
     ],
@@ -617,7 +619,7 @@ def test_render_effective_lists_every_key_with_defaults() -> None:
     config = parse_config(minimal(), base_dir=BASE, env=ENV)
     rendered = tomllib.loads(render_effective(config))
     assert len(rendered["relayd"]) == 9
-    assert len(rendered["providers"]["main"]) == 12
+    assert len(rendered["providers"]["main"]) == 13
     assert len(rendered["endpoints"]["app"]) == 8
     assert rendered["relayd"]["http"] == "127.0.0.1:8787"
     assert rendered["relayd"]["socket"] == "/run/relayd/relayd.sock"

@@ -75,6 +75,22 @@ async def test_xosum_lifecycle_uploading_processing_transcribed(
     )
 
 
+async def test_progress_fields_appear_while_in_progress(aiohttp_client: AiohttpClient) -> None:
+    """`progress` adds fields (the audio's type and duration) to in-progress answers only."""
+    clock = FakeClock()
+    provider = MockProvider(clock=clock)
+    client = await aiohttp_client(provider.app())
+    provider.add_job("doc3", ready_after=10, progress={"type": "video", "duration": 600.0})
+    _, body = await xosum(client, "doc3")
+    assert body == {"docId": "doc3", "status": "uploading", "type": "video", "duration": 600.0}
+    clock.now += 10
+    _, body = await xosum(client, "doc3")
+    assert (body["status"], body["type"], body["duration"]) == ("transcribed", "audio", 12.5)
+    async with client.post("/_mock/jobs", json={"docId": "d", "progress": [1]}) as resp:
+        assert resp.status == 400
+        assert "progress must be an object" in (await resp.json())["error"]
+
+
 async def test_xosum_failed_job(aiohttp_client: AiohttpClient) -> None:
     """A docId starting with 'fail' ends failed with an error, type and createdAt."""
     clock = FakeClock()

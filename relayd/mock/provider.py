@@ -41,6 +41,7 @@ class MockJob:
     first_seen: float  # clock time the job became known (registered or first polled)
     fields: dict[str, Any] = field(default_factory=dict)
     paragraphs: int = DEFAULT_PARAGRAPHS  # Aitronos paragraph count once completed
+    progress: dict[str, Any] = field(default_factory=dict)  # extra fields while in progress
 
     @property
     def finished_at(self) -> float:
@@ -95,12 +96,24 @@ class MockProvider:
         outcome: str = "transcribed",
         ready_after: float | None = None,
         paragraphs: int = DEFAULT_PARAGRAPHS,
+        progress: dict[str, Any] | None = None,
         **fields: Any,
     ) -> MockJob:
-        """Register (or re-register) a job now; `fields` override its terminal answer."""
+        """Register (or re-register) a job now; `fields` override its terminal answer and
+        `progress` adds fields to its in-progress answers (e.g. the audio's `duration`)."""
         ready = self.ready_after if ready_after is None else ready_after
         _check_job(doc_id, outcome, ready, paragraphs)
-        job = MockJob(doc_id, outcome, float(ready), self.clock(), dict(fields), paragraphs)
+        if progress is not None and not isinstance(progress, dict):
+            raise ValueError(f"progress must be an object, not {progress!r}")
+        job = MockJob(
+            doc_id,
+            outcome,
+            float(ready),
+            self.clock(),
+            dict(fields),
+            paragraphs,
+            dict(progress or {}),
+        )
         self.jobs[doc_id] = job
         return job
 
@@ -225,7 +238,7 @@ class MockProvider:
         phase = job.phase(now)
         if phase != "done":
             status = "uploading" if phase == "early" else "processing"
-            return web.json_response({"docId": doc_id, "status": status})
+            return web.json_response({"docId": doc_id, "status": status} | job.progress)
         body: dict[str, Any]
         if job.outcome == "failed":
             body = {"docId": doc_id, "status": "failed", "error": "audio could not be decoded"}
@@ -331,6 +344,8 @@ class MockProvider:
                     options.get("ready_after", self.ready_after),
                     options.get("paragraphs", DEFAULT_PARAGRAPHS),
                 )
+                if not isinstance(options.get("progress", {}), dict):
+                    raise ValueError("progress must be an object")
             except ValueError as exc:
                 return web.json_response({"error": str(exc)}, status=400)
             specs.append((item["docId"], options))
@@ -402,6 +417,7 @@ def _job_json(job: MockJob) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "paragraphs": job.paragraphs,
         "fields": job.fields,
+        "progress": job.progress,
     }
 
 
