@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import copy
 import heapq
-import math
+import itertools
 import random
 
 import pytest
@@ -192,18 +192,24 @@ def check_next_free_at(budget: Budget, now: float) -> None:
     assert t >= now
     assert (t == now) == free_now
     assert copy.deepcopy(budget).available(t) > 0
-    if t > now:
-        just_before = max(now, math.nextafter(t, -math.inf))
+    if t > now:  # a microsecond before (the token bucket's refill is float arithmetic)
+        just_before = max(now, t - 1e-6)
         assert copy.deepcopy(budget).available(just_before) == 0
 
 
 @PROPERTY
-@given(limit=st.integers(1, 4), window=st.sampled_from([1.0, 2.5, 10.0]), ops=OPS)
+@given(
+    limit=st.integers(1, 4),
+    window=st.sampled_from([1.0, 2.5, 10.0]),
+    ops=OPS,
+    paced=st.booleans(),
+)
 def test_next_free_at_is_the_earliest_free_time(
-    limit: int, window: float, ops: list[tuple[str, float]]
+    limit: int, window: float, ops: list[tuple[str, float]], paced: bool
 ) -> None:
-    """Whenever next_free_at says T, a slot is free at T and not a moment before."""
-    budget = Budget(limit, window)
+    """Whenever next_free_at says T, a slot is free at T and not a moment before: with the
+    default token bucket, and with the bucket wide open (burst = limit)."""
+    budget = Budget(limit, window, burst=None if paced else limit)
     now = 0.0
     for op, arg in ops:
         if op == "acquire":
@@ -229,7 +235,7 @@ def test_next_free_at_when_blocked_and_full_is_none() -> None:
 
 def test_next_free_at_is_none_while_every_slot_is_in_flight() -> None:
     """All slots sent and unanswered: no time frees one, so next_free_at is None."""
-    budget = Budget(2, 10.0)
+    budget = Budget(2, 10.0, burst=2)
     assert budget.try_acquire(0.0)
     assert budget.try_acquire(0.0)
     assert not budget.try_acquire(0.0)
@@ -249,7 +255,7 @@ def test_slot_frees_window_after_the_answer_not_the_send() -> None:
 
 def test_unused_gives_the_slot_back_at_once() -> None:
     """A slot taken but never sent returns without a cooldown; a released one does not."""
-    budget = Budget(2, 10.0)
+    budget = Budget(2, 10.0, burst=2)
     assert budget.try_acquire(0.0)
     budget.unused()
     assert budget.available(0.0) == 2
@@ -268,7 +274,7 @@ def test_unused_and_release_never_go_below_zero_in_flight() -> None:
 
 def test_block_until_closes_the_budget_until_then() -> None:
     """A 429 block sends nothing before `until` and everything after, with its reason kept."""
-    budget = Budget(3, 10.0)
+    budget = Budget(3, 10.0, burst=3)
     budget.block_until(20.0, "429 from provider")
     assert budget.blocked(19.99)
     assert budget.available(19.99) == 0
@@ -330,7 +336,7 @@ def test_used_in_window_after_many_windows() -> None:
 
 def test_pending_frees_counts_in_flight_as_answered_now() -> None:
     """At a clean stop, cooling slots keep their time and unanswered ones free a window later."""
-    budget = Budget(4, 10.0)
+    budget = Budget(4, 10.0, burst=4)
     for _ in range(3):
         assert budget.try_acquire(0.0)
     budget.release(2.0)  # frees at 12
@@ -341,11 +347,11 @@ def test_pending_frees_counts_in_flight_as_answered_now() -> None:
 
 def test_seed_carries_used_slots_into_a_new_budget() -> None:
     """A restarted budget has the old run's slots taken until they free; past ones are dropped."""
-    old = Budget(3, 10.0)
+    old = Budget(3, 10.0, burst=3)
     for _ in range(3):
         assert old.try_acquire(0.0)
         old.release(1.0)
-    new = Budget(3, 10.0, now=4.0)
+    new = Budget(3, 10.0, now=4.0, burst=3)
     new.seed([*old.pending_frees(4.0), 2.0], 4.0)
     assert new.available(4.0) == 0
     assert new.next_free_at(4.0) == 11.0
@@ -354,7 +360,7 @@ def test_seed_carries_used_slots_into_a_new_budget() -> None:
 
 def test_seed_with_more_frees_than_slots_keeps_the_latest() -> None:
     """Seeding more used slots than a (smaller) limit keeps the ones that free last."""
-    budget = Budget(2, 10.0)
+    budget = Budget(2, 10.0, burst=2)
     budget.seed([15.0, 11.0, 13.0, 12.0], 10.0)
     assert budget.available(10.0) == 0
     assert budget.next_free_at(10.0) == 13.0
@@ -363,7 +369,7 @@ def test_seed_with_more_frees_than_slots_keeps_the_latest() -> None:
 
 def test_resized_keeps_spent_slots_and_blocks() -> None:
     """A config reload carries cooling slots, in-flight requests and 429 blocks over."""
-    budget = Budget(3, 10.0)
+    budget = Budget(3, 10.0, burst=3)
     assert budget.try_acquire(0.0)
     assert budget.try_acquire(0.0)
     budget.release(1.0)  # one cooling until 11, one still in flight
@@ -399,3 +405,52 @@ def test_invalid_budget_is_refused(limit: int, window: float) -> None:
     """A budget with no slots or no window is a configuration error."""
     with pytest.raises(ValueError, match="limit must be"):
         Budget(limit, window)
+
+
+# -- the token bucket: pacing within the window --------------------------------------------------
+
+
+def test_a_quiet_key_answers_a_small_batch_at_once_then_paces() -> None:
+    """Idle: a tenth of the limit goes at once; after that one request per window/limit."""
+    budget = Budget(60, 60.0)
+    assert budget.burst == 6
+    sent = 0
+    while budget.try_acquire(0.0):
+        sent += 1
+    assert sent == 6
+    assert budget.next_free_at(0.0) == pytest.approx(1.0)
+    assert budget.available(0.999) == 0
+    assert budget.try_acquire(1.0)
+
+
+def test_small_limits_still_allow_two_at_once() -> None:
+    """At least two tokens, so a send that went out late is made up for (never above limit)."""
+    assert Budget(5, 1.0).burst == 2
+    one = Budget(1, 1.0)
+    assert one.try_acquire(0.0)
+    assert not one.try_acquire(0.0)
+
+
+@QUICK
+@given(limit=st.integers(2, 120), window=st.sampled_from([0.25, 1.0, 60.0]))
+def test_busy_key_sends_evenly_and_the_first_burst_does_not_return(
+    limit: int, window: float
+) -> None:
+    """Instant answers, endless demand: after the first window, sends are one per
+    window/limit — the slots the first burst used free together but are not spent together."""
+    budget = Budget(limit, window)
+    now, sends = 0.0, []
+    while now < 20 * window:
+        if budget.try_acquire(now):
+            sends.append(now)
+            budget.release(now)
+            continue
+        nxt = budget.next_free_at(now)
+        assert nxt is not None and nxt > now
+        now = nxt
+    spacing = window / limit
+    later = [t for t in sends if t >= 2 * window]
+    gaps = [b - a for a, b in itertools.pairwise(later)]
+    assert max(gaps) <= spacing * 1.01
+    assert min(gaps) >= spacing * 0.99
+    assert len(sends) >= 0.99 * 20 * limit
