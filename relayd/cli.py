@@ -174,6 +174,29 @@ def _age(seconds: float | None) -> str | None:
     return f"{seconds / 3600:.1f}h"
 
 
+def _key_rows(providers: dict[str, Any]) -> list[list[Any]]:
+    """One row per API key (providers sharing a key share its budget): its use of the window,
+    the jobs on it, how often each is polled, and how long the due backlog takes to clear."""
+    keys: dict[str, list[Any]] = {}
+    for name, p in providers.items():
+        b = p.get("budget")
+        if not b:
+            continue
+        if b["key"] in keys:
+            keys[b["key"]][1] += f",{name}"
+            continue
+        keys[b["key"]] = [
+            b["key"],
+            name,
+            f"{b['budget_used']}/{b['rate_limit']} per {_age(b['rate_window'])}",
+            b["jobs_in_flight"],
+            f"every {_age(b['poll_interval_effective'])}" if b["jobs_in_flight"] else "-",
+            b["due_now"],
+            _age(b["backlog_clear_seconds"]),
+        ]
+    return list(keys.values())
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 
@@ -272,6 +295,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         "",
     ]
     print(table(rows, headers))
+    keys = _key_rows(info["providers"])
+    if keys:
+        print()
+        headers = ["KEY", "PROVIDERS", "USED", "JOBS", "EACH POLLED", "DUE NOW", "CLEARS IN"]
+        print(table(keys, headers))
     print()
     rows = [
         [

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from relayd.budget import Budget, next_window_start
+from relayd.cadence import RunTimes, backlog_period, next_delay
 from relayd.clock import Clock
 from relayd.config import Config, ProviderConfig
 from relayd.metrics import Metrics
@@ -57,6 +58,7 @@ class KeyGroup:
     pause_reason: str = ""
     waiters: int = 0  # requests waiting for a slot outside the schedule (paragraph pages)
     in_flight: set[int] = field(default_factory=set)
+    targets: dict[int, float] = field(default_factory=dict)  # job -> its current poll delay
 
     def can_dispatch(self, now: float) -> bool:
         if self.pause_reason and (now < self.paused_until or self.in_flight):
@@ -141,6 +143,7 @@ class Poller:
         self._stopping = False
         self.groups: dict[str, KeyGroup] = {}
         self.group_of: dict[str, KeyGroup] = {}
+        self.run_times = RunTimes()
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -155,6 +158,7 @@ class Poller:
                 group = old.get(key) or KeyGroup(key, Budget(pc.rate_limit, pc.rate_window), [])
                 group.providers = []
                 group.schedule = Schedule()
+                group.targets = {}
                 self.groups[key] = group
                 self._resize(group, pc.rate_limit, pc.rate_window, now)
             elif pc.rate_limit / pc.rate_window < group.budget.limit / group.budget.window:
@@ -214,8 +218,10 @@ class Poller:
         self.store.save_budgets(budgets, now=wall)
 
     def load(self) -> int:
-        """Schedule every job the store says is still being polled (start-up recovery)."""
+        """Schedule every job the store says is still being polled (start-up recovery), and
+        recall how long recent jobs took."""
         self.restore_budgets()
+        self.run_times.seed(self.store.run_times())
         return self._schedule_all()
 
     def _schedule_all(self) -> int:
@@ -227,6 +233,7 @@ class Poller:
                 orphans.add(provider)
             elif job_id not in group.in_flight:
                 group.schedule.add(job_id, due)
+                group.targets.setdefault(job_id, self.config.providers[provider].poll_interval)
                 count += 1
         for provider in sorted(orphans):
             log.warning("jobs of provider %r wait: it is not in the config", provider)
@@ -238,6 +245,7 @@ class Poller:
         group = self.group_of.get(job.provider)
         if group is not None and job.id not in group.in_flight:
             group.schedule.add(job.id, job.next_poll_at)
+            group.targets.setdefault(job.id, self.config.providers[job.provider].poll_interval)
             self.wake()
 
     def wake(self) -> None:
@@ -353,8 +361,13 @@ class Poller:
             due = self.clock.time() + 1.0
         finally:
             group.in_flight.discard(job_id)
-            if due is not None and not self._stopping:
+            if due is None:
+                group.targets.pop(job_id, None)
+            elif not self._stopping:
                 group.schedule.add(job_id, due)
+                delay = due - self.clock.time()
+                if delay > 0:  # not a deferral (429) that keeps the job's old place in line
+                    group.targets[job_id] = delay
             self.wake()
 
     async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
@@ -399,8 +412,15 @@ class Poller:
         if isinstance(outcome, Finished):
             self._finish(job, pc, outcome, now)
             return None
-        interval = max(pc.poll_interval, outcome.min_interval or 0.0)
-        due = now + interval
+        interval = pc.poll_interval
+        if pc.adaptive_polling:
+            expected = self.run_times.expect(job.provider, outcome.hints)
+            jobs = len(group.schedule) + len(group.in_flight)
+            crowded = jobs * group.budget.window / group.budget.limit > pc.poll_interval
+            interval = next_delay(
+                now - job.submitted_at, pc.poll_interval, expected, crowded=crowded
+            )
+        due = now + max(interval, outcome.min_interval or 0.0)
         self._record(
             job, now, outcome.http_status, "pending", None, due, 0, 0, outcome.status, outcome.etag
         )
@@ -451,6 +471,10 @@ class Poller:
                 endpoint = self.config.endpoints.get(name)
                 if endpoint is not None and event.name in endpoint.events:
                     deliveries.append(NewDelivery(name, event.name, body))
+        ran_for = None
+        if outcome.learn is not None:
+            # it finished between the previous poll (or submission) and this one
+            ran_for = max(0.0, (max(job.updated_at, job.submitted_at) + now) / 2 - job.submitted_at)
         self.store.finish_job(
             job.id,
             now=now,
@@ -459,7 +483,12 @@ class Poller:
             deliveries=deliveries,
             http_status=outcome.http_status,
             detail=f"{len(deliveries)} deliveries",
+            ran_for=ran_for,
+            media_kind=outcome.learn.kind if outcome.learn else None,
+            media_seconds=outcome.learn.media_seconds if outcome.learn else None,
         )
+        if outcome.learn is not None and ran_for is not None:
+            self.run_times.observe(job.provider, outcome.learn, ran_for)
         log.info(
             "job %s: %d deliveries",
             outcome.status,
@@ -494,6 +523,14 @@ class Poller:
         out: dict[str, dict[str, Any]] = {}
         for name, group in self.group_of.items():
             budget = group.budget
+            capacity = budget.limit / budget.window
+            wanted, period = backlog_period(group.targets.values(), capacity)
+            due_now = group.schedule.waiting(wall)
+            blocked_for = max(0.0, budget.blocked_until() - now)
+            closed_for = blocked_for  # nothing can be polled before then
+            if group.pause_reason:
+                closed_for = max(closed_for, group.paused_until - now)
+            backlog = max(0, due_now - budget.available(now))
             out[name] = {
                 "key": group.key,
                 "rate_limit": budget.limit,
@@ -501,9 +538,13 @@ class Poller:
                 "budget_used": budget.used_in_window(wall),
                 "budget_available": budget.available(now),
                 "in_flight_requests": budget.in_flight,
+                "jobs_in_flight": len(group.schedule) + len(group.in_flight),
                 "scheduled": len(group.schedule),
-                "due_now": group.schedule.waiting(wall),
-                "blocked_for": max(0.0, budget.blocked_until() - now),
+                "due_now": due_now,
+                "polls_wanted_per_second": round(wanted, 3),
+                "poll_interval_effective": round(period, 3),
+                "backlog_clear_seconds": round(backlog / capacity + closed_for, 3),
+                "blocked_for": blocked_for,
                 "paused": group.pause_reason or None,
             }
         return out

@@ -112,6 +112,13 @@ SCHEMA = [
         saved_at REAL NOT NULL
     );
     """,
+    # version 3: how long finished jobs took, so the poll cadence can learn across restarts
+    """
+    ALTER TABLE jobs ADD COLUMN ran_for REAL;
+    ALTER TABLE jobs ADD COLUMN media_kind TEXT;
+    ALTER TABLE jobs ADD COLUMN media_seconds REAL;
+    CREATE INDEX jobs_by_run ON jobs (finished_at) WHERE ran_for IS NOT NULL;
+    """,
 ]
 
 
@@ -368,6 +375,16 @@ class Store:
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
+    def run_times(self, limit: int = 4096) -> list[tuple[str, str | None, float | None, float]]:
+        """(provider, media kind, media seconds, run seconds) of the latest finished jobs that
+        can teach how long jobs take, oldest first."""
+        rows = self._db.execute(
+            "SELECT provider, media_kind, media_seconds, ran_for FROM jobs"
+            " WHERE ran_for IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in reversed(rows)]
+
     def polls_for(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT at, http_status, outcome, detail FROM polls WHERE job_id=?"
@@ -488,8 +505,14 @@ class Store:
         deliveries: Iterable[NewDelivery],
         http_status: int | None,
         detail: str | None,
+        ran_for: float | None = None,
+        media_kind: str | None = None,
+        media_seconds: float | None = None,
     ) -> bool:
-        """The provider reported a terminal status: store it and the deliveries it calls for."""
+        """The provider reported a terminal status: store it and the deliveries it calls for.
+
+        `ran_for` (seconds from submission to done) and the media it was for are kept for
+        learning how long jobs take; None when the job should not teach (it failed)."""
         with self._write() as db:
             job = db.execute(
                 "SELECT provider, doc_id FROM jobs WHERE id=? AND state=?",
@@ -520,8 +543,20 @@ class Store:
                 state = JobState.DELIVERED if result_status != "failed" else JobState.FAILED
             db.execute(
                 "UPDATE jobs SET state=?, polls=polls+1, result_status=?, last_status=?,"
-                " result=?, finished_at=?, updated_at=? WHERE id=?",
-                (state, result_status, result_status, json.dumps(result), now, now, job_id),
+                " result=?, finished_at=?, updated_at=?, ran_for=?, media_kind=?,"
+                " media_seconds=? WHERE id=?",
+                (
+                    state,
+                    result_status,
+                    result_status,
+                    json.dumps(result),
+                    now,
+                    now,
+                    ran_for,
+                    media_kind,
+                    media_seconds,
+                    job_id,
+                ),
             )
             self._poll_row(db, job_id, now, http_status, "finished", detail)
         return True

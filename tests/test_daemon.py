@@ -472,13 +472,15 @@ async def test_a_429_closes_the_key_and_the_block_survives_a_clean_restart(
     config = make_config(config_dict(tmp_path, server.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"b-{i}"} for i in range(5)])
-        await eventually(lambda: len(arrivals) >= 5)
+        await eventually(lambda: len(arrivals) >= 1)
         await asyncio.sleep(0.3)
-        assert len(arrivals) == 5  # the first burst, then silence
+        # the requests sent together before the first 429 came back, then silence
+        sent = len(arrivals)
+        assert 1 <= sent <= 2 and arrivals[-1] - arrivals[0] < 0.1
     async with running(config) as daemon:
         assert daemon.poller.status()["main"]["blocked_for"] > 3.5
         await asyncio.sleep(0.3)
-    assert len(arrivals) == 5, "requests sent inside the provider's Retry-After"
+    assert len(arrivals) == sent, "requests sent inside the provider's Retry-After"
 
 
 async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
@@ -502,7 +504,9 @@ async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
         await eventually(lambda: calls >= 6, what="repeated polls")
         budget = daemon.poller.group_of["main"].budget
         await eventually(lambda: budget.in_flight == 0)
-        assert budget.available(daemon.clock.monotonic()) == 8
+        now = daemon.clock.monotonic()
+        assert budget.pending_frees(now) == []  # no slot held in the rolling window
+        assert budget.available(now) == budget.burst  # and every token given back
         assert states(daemon) == {"polling": 3}
     assert provider.arrivals == []
 

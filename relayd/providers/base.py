@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from relayd.cadence import Hints
 from relayd.store import Job
 
 
@@ -72,6 +73,7 @@ class Progress:
     http_status: int
     etag: str | None = None
     min_interval: float | None = None  # do not poll this job again sooner (Cache-Control)
+    hints: Hints = field(default_factory=Hints)  # what the answer says about the media
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Finished:
     http_status: int
     result: dict[str, Any]
     events: list[Event] = field(default_factory=list)
+    learn: Hints | None = None  # set when the job succeeded: it teaches how long such jobs take
 
 
 class Provider(Protocol):

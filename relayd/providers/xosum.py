@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from relayd.cadence import hints_from
 from relayd.config import ProviderConfig
 from relayd.providers.base import (
     Event,
@@ -44,14 +45,15 @@ class XosumProvider:
         if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
         status: str = doc["status"]
+        hints = hints_from(doc.get("type"), doc.get("duration"))
         if status not in TERMINAL:
-            return Progress(status=status, http_status=answer.status)
+            return Progress(status=status, http_status=answer.status, hints=hints)
         if status == "transcribed":
             if "transcription" not in doc:
                 raise Retryable(f"answer for {job.doc_id} says transcribed without transcription")
             event = Event("transcript_ready", self.ready_body(job, doc))
-        else:
-            event = Event("transcript_failed", self.failed_body(job, doc))
+            return Finished(status, answer.status, doc, [event], learn=hints)
+        event = Event("transcript_failed", self.failed_body(job, doc))
         return Finished(status=status, http_status=answer.status, result=doc, events=[event])
 
     def _common(self, job: Job, event_type: str, doc: dict[str, Any]) -> dict[str, Any]:
