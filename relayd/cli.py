@@ -167,6 +167,8 @@ def _when(ts: float | None) -> str | None:
 def _age(seconds: float | None) -> str | None:
     if seconds is None:
         return None
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
     if seconds < 120:
         return f"{seconds:.1f}s"
     if seconds < 7200:

@@ -365,9 +365,6 @@ class Poller:
                 group.targets.pop(job_id, None)
             elif not self._stopping:
                 group.schedule.add(job_id, due)
-                delay = due - self.clock.time()
-                if delay > 0:  # not a deferral (429) that keeps the job's old place in line
-                    group.targets[job_id] = delay
             self.wake()
 
     async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
@@ -449,6 +446,9 @@ class Poller:
         status: str | None = None,
         etag: str | None = None,
     ) -> None:
+        group = self.group_of.get(job.provider)
+        if group is not None:
+            group.targets[job.id] = due - now  # this job's current poll delay, for status
         self.store.record_poll(
             job.id,
             now=now,

@@ -110,6 +110,7 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
         code, out, err = await arelayd("status", "-c", str(path))
         assert code == 0, err
         assert "running" in out and "main" in out and "app" in out
+        assert "EACH POLLED" in out and "CLEARS IN" in out and "/8 per 250ms" in out
         code, out, _ = await arelayd("status", "-c", str(path), "--json")
         status = json.loads(out)
         assert status["providers"]["main"]["budget"]["rate_limit"] == 8

@@ -179,9 +179,34 @@ def test_migrates_a_version_1_database(db_path: Path) -> None:
         job = s.get_job("xosum", "old-job")
         assert job is not None and job.state == JobState.POLLING
         assert s.take_budgets() == {}
+        assert s.run_times() == []
         assert s.integrity_check() == "ok"
     finally:
         s.close()
+
+
+def test_run_times_keep_what_finished_jobs_teach(store: Store) -> None:
+    """Only jobs finished with a run time teach; the latest are returned, oldest first."""
+    for i in range(4):
+        job_id = add(store, f"doc-{i}")
+        store.finish_job(
+            job_id,
+            now=T0 + 10 + i,
+            result_status="transcribed" if i != 2 else "failed",
+            result={},
+            deliveries=[],
+            http_status=200,
+            detail=None,
+            ran_for=None if i == 2 else 5.0 + i,
+            media_kind="audio" if i else None,
+            media_seconds=60.0 if i == 3 else None,
+        )
+    assert store.run_times() == [
+        ("xosum", None, None, 5.0),
+        ("xosum", "audio", None, 6.0),
+        ("xosum", "audio", 60.0, 8.0),
+    ]
+    assert store.run_times(limit=1) == [("xosum", "audio", 60.0, 8.0)]
 
 
 def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:

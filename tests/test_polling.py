@@ -1,0 +1,113 @@
+"""The poll loop at the limit, end to end: learned cadence across restarts, the status a person
+reads to see how the budget is shared, and 429 blocks read against the provider's own clock."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from relayd.cadence import Hints
+from relayd.mock import provider as mock_provider
+from relayd.mock.receiver import Receiver
+from tests.conftest import api, config_dict, eventually, make_config, running, settled
+
+PROGRESS = {"type": "audio", "duration": 100.0}
+
+
+async def test_learned_run_times_survive_a_restart(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """Finished jobs teach how long jobs of their kind take; a restarted daemon still knows."""
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    for i in range(10):
+        provider.add_job(f"learn-{i}", ready_after=0.3, progress=PROGRESS, duration=100.0)
+    async with running(config) as daemon:
+        assert daemon.poller.run_times.expect("main", Hints("audio", 100.0)) is None
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
+        await eventually(lambda: settled(daemon, 10))
+        rows = daemon.store.run_times()
+    assert len(rows) == 10
+    for name, kind, media, ran_for in rows:
+        assert (name, kind, media) == ("main", "audio", 100.0)
+        assert 0.15 < ran_for < 1.0  # finished 0.3 s after submission, give or take a poll
+    async with running(config) as daemon:
+        expected = daemon.poller.run_times.expect("main", Hints("audio", 100.0))
+        assert expected is not None and 0.1 < expected.early < 0.35 < expected.late < 1.2
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+async def test_a_crowded_key_skips_polls_before_the_expected_finish(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver, adaptive: bool
+) -> None:
+    """With the budget short, a young job whose kind is known to take ~1 s is next polled near
+    its expected finish, not every poll_interval; with adaptive_polling off, every interval."""
+    data = config_dict(tmp_path, provider.port, {"app": receiver.port}, adaptive_polling=adaptive)
+    config = make_config(data, tmp_path)
+    for i in range(10):
+        provider.add_job(f"learn-{i}", ready_after=1.0, progress=PROGRESS, duration=100.0)
+    for i in range(6):  # crowd the key: 6 jobs x 0.1 s interval want more than 32 polls/s
+        provider.add_job(f"slow-{i}", ready_after=3600, progress=PROGRESS)
+    provider.add_job("young", ready_after=3600, progress=PROGRESS)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
+        await eventually(lambda: len(daemon.store.run_times()) == 10)
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"slow-{i}"} for i in range(6)])
+        await api(daemon, "POST", "/v1/jobs", {"docId": "young"})
+        await eventually(lambda: (job := daemon.store.get_job("main", "young")) is not None
+                         and job.polls >= 1)  # fmt: skip
+        job = daemon.store.get_job("main", "young")
+        assert job is not None
+        wait = job.next_poll_at - job.updated_at
+        if adaptive:
+            assert wait > 0.5  # straight to the learned window (about 0.85 s after submission)
+        else:
+            assert wait == pytest.approx(0.1, abs=0.01)
+
+
+async def test_status_shows_how_the_budget_is_shared(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """Per key: budget used, jobs in flight, how often each job is polled, backlog clear time."""
+    config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
+    for i in range(40):
+        provider.add_job(f"busy-{i}", ready_after=3600)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", [{"docId": f"busy-{i}"} for i in range(40)])
+        await eventually(lambda: len(provider.arrivals) >= 40)
+        _, status = await api(daemon, "GET", "/v1/status")
+    budget = status["providers"]["main"]["budget"]
+    assert budget["jobs_in_flight"] == 40
+    assert 0 < budget["budget_used"] <= 8
+    # 40 jobs want a poll every 0.1 s; 8 per 0.25 s allows 32/s: each is polled every 1.25 s
+    assert budget["polls_wanted_per_second"] == pytest.approx(400, rel=0.01)
+    assert budget["poll_interval_effective"] == pytest.approx(1.25, rel=0.01)
+    assert 0 <= budget["backlog_clear_seconds"] <= 40 / 32
+    assert budget["due_now"] <= 40
+
+
+@pytest.mark.parametrize("skew", [+100.0, -100.0])
+async def test_retry_after_as_a_date_is_read_against_the_answers_date(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: object, skew: float
+) -> None:
+    """A 429 with `Retry-After: <HTTP date>` from a provider whose clock is 100 s off blocks
+    for the 2 s the provider meant — not 102 s, and not zero."""
+
+    async def limited(request: web.Request) -> web.Response:
+        theirs = time.time() + skew
+        headers = {"Date": formatdate(theirs, usegmt=True)}
+        headers["Retry-After"] = formatdate(theirs + 2, usegmt=True)
+        return web.json_response({"error": "slow down"}, status=429, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/api/getTranscription", limited)
+    server = await aiohttp_server(app)  # type: ignore[operator]
+    config = make_config(config_dict(tmp_path, server.port, {"app": receiver.port}), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "dated"})
+        await eventually(lambda: daemon.poller.status()["main"]["blocked_for"] > 0)
+        blocked = daemon.poller.status()["main"]["blocked_for"]
+    assert 0.9 < blocked <= 2.0  # HTTP dates have whole seconds
