@@ -28,6 +28,7 @@ from relayd.intake.envelope import Catalog, Submission
 from relayd.intake.spool import Spool, Watch, watch_directory
 from relayd.metrics import Metrics
 from relayd.poller import Poller
+from relayd.providers.aitronos import AitronosProvider
 from relayd.providers.base import Provider
 from relayd.providers.xosum import XosumProvider
 from relayd.sdnotify import Notifier
@@ -43,6 +44,8 @@ def build_providers(config: Config) -> dict[str, Provider]:
     for name, pc in config.providers.items():
         if pc.kind == "xosum":
             providers[name] = XosumProvider(pc)
+        elif pc.kind == "aitronos":
+            providers[name] = AitronosProvider(pc)
         else:
             log.error("provider kind %r is not supported yet: its jobs wait", pc.kind)
     return providers

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from relayd.budget import Budget, next_window_start
 from relayd.cadence import RunTimes, backlog_period, next_delay
@@ -101,7 +102,7 @@ class Upstream:
                     if size > MAX_ANSWER_BYTES:
                         raise Retryable(f"answer larger than {MAX_ANSWER_BYTES} bytes")
                     chunks.append(chunk)
-                answer = Answer(resp.status, dict(resp.headers), b"".join(chunks))
+                answer = Answer(resp.status, CIMultiDict(resp.headers), b"".join(chunks))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:

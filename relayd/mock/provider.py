@@ -42,6 +42,7 @@ class MockJob:
     fields: dict[str, Any] = field(default_factory=dict)
     paragraphs: int = DEFAULT_PARAGRAPHS  # Aitronos paragraph count once completed
     progress: dict[str, Any] = field(default_factory=dict)  # extra fields while in progress
+    pii_policies: list[str] | None = None  # Aitronos: answer with X-PII-Redacted/-Policies
 
     @property
     def finished_at(self) -> float:
@@ -97,6 +98,7 @@ class MockProvider:
         ready_after: float | None = None,
         paragraphs: int = DEFAULT_PARAGRAPHS,
         progress: dict[str, Any] | None = None,
+        pii_policies: list[str] | None = None,
         **fields: Any,
     ) -> MockJob:
         """Register (or re-register) a job now; `fields` override its terminal answer and
@@ -113,6 +115,7 @@ class MockProvider:
             dict(fields),
             paragraphs,
             dict(progress or {}),
+            None if pii_policies is None else [str(p) for p in pii_policies],
         )
         self.jobs[doc_id] = job
         return job
@@ -279,7 +282,7 @@ class MockProvider:
             if not completed:
                 data["error"] = "audio could not be decoded"
             data |= job.fields
-        return self._cacheable(request, data)
+        return self._cacheable(request, data, _pii_headers(job))
 
     async def _ait_paragraphs(self, request: web.Request, now: float) -> web.Response:
         job = self._job(request.match_info["id"], now)
@@ -302,9 +305,11 @@ class MockProvider:
             "limit": limit,
             "offset": offset,
         }
-        return self._cacheable(request, data)
+        return self._cacheable(request, data, _pii_headers(job))
 
-    def _cacheable(self, request: web.Request, data: dict[str, Any]) -> web.Response:
+    def _cacheable(
+        self, request: web.Request, data: dict[str, Any], extra: dict[str, str] | None = None
+    ) -> web.Response:
         """A success envelope with ETag and Cache-Control; 304 when If-None-Match matches."""
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         etag = '"' + hashlib.sha256(canonical.encode()).hexdigest()[:24] + '"'
@@ -312,6 +317,7 @@ class MockProvider:
         headers = {
             hdrs.ETAG: etag,
             hdrs.CACHE_CONTROL: f"max-age={int(age) if float(age).is_integer() else age}",
+            **(extra or {}),
         }
         candidates = {
             c.strip().removeprefix("W/")
@@ -376,6 +382,12 @@ def _check_job(doc_id: Any, outcome: Any, ready_after: Any, paragraphs: Any) -> 
         raise ValueError(f"paragraphs must be an integer >= 0, not {paragraphs!r}")
 
 
+def _pii_headers(job: MockJob) -> dict[str, str]:
+    if job.pii_policies is None:
+        return {}
+    return {"X-PII-Redacted": "true", "X-PII-Policies": ",".join(job.pii_policies)}
+
+
 def _default_outcome(doc_id: str) -> str:
     if doc_id.startswith("fail"):
         return "failed"
@@ -418,6 +430,7 @@ def _job_json(job: MockJob) -> dict[str, Any]:
         "paragraphs": job.paragraphs,
         "fields": job.fields,
         "progress": job.progress,
+        "pii_policies": job.pii_policies,
     }
 
 

@@ -1,0 +1,251 @@
+"""Aitronos end to end against loopback fakes: ETag revalidation, Cache-Control, paragraph paging
+inside the budget, 409 and error envelopes, PII headers, and both providers in one daemon."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from relayd.config import parse_config
+from relayd.mock import provider as mock_provider
+from relayd.mock.receiver import Receiver
+from relayd.providers.aitronos import envelope_error, max_age
+from relayd.providers.base import Answer
+from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
+
+AIT_KEY = "ait-key-0002"
+
+
+def ait_config(tmp_path: Path, port: int, receiver: Receiver, **overrides: Any) -> dict[str, Any]:
+    data = config_dict(tmp_path, port, {"app": receiver.port}, kind="aitronos", **overrides)
+    data["endpoints"]["app"]["events"] = ["transcription.completed", "transcription.failed"]
+    return data
+
+
+@pytest.fixture
+async def ait() -> Any:
+    """A mock Aitronos: 8 requests per 0.25 s window, answers cacheable for 0 s by default."""
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=0.6)
+    mock.port = port  # type: ignore[attr-defined]
+    yield mock
+    await runner.cleanup()
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("max-age=10", 10.0),
+        ("private, max-age=2.5", 2.5),
+        ('public, MAX-AGE="7", must-revalidate', 7.0),
+        ("no-cache", None),
+        ("s-maxage=5", None),
+        (None, None),
+    ],
+)
+def test_max_age(header: str | None, seconds: float | None) -> None:
+    assert max_age(header) == seconds
+
+
+def test_error_envelope_is_read_for_the_log() -> None:
+    body = b'{"success": false, "error": {"code": "X", "message": "m", "trace_id": "t-1"}}'
+    assert envelope_error(Answer(500, {}, body)) == "code=X message=m trace_id=t-1"
+    assert (
+        envelope_error(Answer(502, {}, b"<html>bad gateway</html>")) == "<html>bad gateway</html>"
+    )
+
+
+# -- against the mock ----------------------------------------------------------------------------
+
+
+async def test_etag_revalidation_and_the_delivered_body(
+    tmp_path: Path, ait: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """Unchanged answers come back as 304 (counted by the fake); the body is SPEC §4's."""
+    ait.add_job("trans_1", ready_after=1.0, paragraphs=3, pii_policies=["email", "phone"])
+    config = make_config(ait_config(tmp_path, ait.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "trans_1", "metadata": {"team": "a"}})
+        await receiver.wait_for(1)
+    assert ait.status_counts[304] >= 2, ait.status_counts
+    body = receiver.accepted[0].json()
+    assert body["event_type"] == "transcription.completed"
+    assert (body["transcription_id"], body["status"]) == ("trans_1", "completed")
+    assert body["data"]["id"] == "trans_1" and body["data"]["status"] == "completed"
+    assert [p["index"] for p in body["paragraphs"]] == [0, 1, 2]
+    assert body["text"] == "\n\n".join(p["text"] for p in body["paragraphs"])
+    assert body["pii_redacted"] is True and body["pii_policies"] == ["email", "phone"]
+    assert body["metadata"] == {"team": "a"}
+
+
+async def test_cache_control_max_age_spaces_the_polls_of_one_job(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """max-age=0.5 with poll_interval 0.1: one job is polled at most every 0.5 s."""
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, aitronos_max_age=0.5)
+    try:
+        mock.add_job("trans_cc", ready_after=1.6, paragraphs=1)
+        config = make_config(ait_config(tmp_path, port, receiver), tmp_path)
+        async with running(config) as daemon:
+            await api(daemon, "POST", "/v1/jobs", {"docId": "trans_cc"})
+            await receiver.wait_for(1)
+        status_polls = len(mock.arrivals) - 1  # one paragraph page
+        assert status_polls <= 5  # 0, 0.5, 1.0, 1.5, 2.0 — not sixteen
+    finally:
+        await runner.cleanup()
+
+
+async def test_2500_paragraphs_arrive_whole_in_order_inside_the_budget(
+    tmp_path: Path, ait: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """Three jobs of 2,500 paragraphs: pages of 1,000, every request within 8 per 0.25 s."""
+    for i in range(3):
+        ait.add_job(f"trans_big{i}", ready_after=0.2, paragraphs=2500)
+    for i in range(10):
+        ait.add_job(f"trans_small{i}", ready_after=0.4, paragraphs=2)
+    config = make_config(ait_config(tmp_path, ait.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        docs = [{"docId": f"trans_big{i}"} for i in range(3)]
+        docs += [{"docId": f"trans_small{i}"} for i in range(10)]
+        await api(daemon, "POST", "/v1/jobs", docs)
+        await eventually(lambda: settled(daemon, 13), timeout=20)
+    big = [r.json() for r in receiver.accepted if "big" in r.json()["transcription_id"]]
+    assert len(big) == 3
+    for body in big:
+        assert [p["index"] for p in body["paragraphs"]] == list(range(2500))
+        assert body["text"].count("\n\n") == 2499
+    assert ait.rejected == 0
+    assert ait.max_in_rolling_window() <= 8
+
+
+async def test_failed_and_cancelled_are_transcription_failed(
+    tmp_path: Path, ait: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    ait.add_job("fail_1", outcome="failed", ready_after=0.1)
+    ait.add_job("trans_c", outcome="failed", ready_after=0.1, status="cancelled")
+    config = make_config(ait_config(tmp_path, ait.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", [{"docId": "fail_1"}, {"docId": "trans_c"}])
+        await receiver.wait_for(2)
+        job = daemon.store.get_job("main", "trans_c")
+        assert job is not None and job.result_status == "cancelled"
+    bodies = {r.json()["transcription_id"]: r.json() for r in receiver.accepted}
+    assert bodies["fail_1"]["event_type"] == "transcription.failed"
+    assert bodies["fail_1"]["status"] == "failed"
+    assert bodies["fail_1"]["data"]["error"] == "audio could not be decoded"
+    assert bodies["trans_c"]["status"] == "cancelled"
+    assert "paragraphs" not in bodies["trans_c"]
+
+
+# -- against hand-written fakes ------------------------------------------------------------------
+
+
+def envelope(status: int, code: str, message: str, trace: str) -> web.Response:
+    error = {"code": code, "message": message, "trace_id": trace}
+    return web.json_response({"success": False, "error": error}, status=status)
+
+
+async def test_409_means_not_yet_and_error_envelopes_are_logged(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 500 envelope is logged with its code and trace id and retried; paragraphs answering
+    409 TRANSCRIPTION_NOT_COMPLETE are asked again later; then the transcript is delivered."""
+    calls = {"status": 0, "paragraphs": 0}
+    data = {"id": "trans_x", "status": "completed", "paragraph_count": 1}
+
+    async def status(request: web.Request) -> web.Response:
+        calls["status"] += 1
+        assert request.headers["X-API-Key"] == AIT_KEY  # auth_header = "X-API-Key"
+        if calls["status"] == 1:
+            return envelope(500, "INTERNAL", "database hiccup", "trace-500")
+        return web.json_response({"success": True, "data": data}, headers={"ETag": '"v1"'})
+
+    async def paragraphs(request: web.Request) -> web.Response:
+        calls["paragraphs"] += 1
+        if calls["paragraphs"] <= 2:
+            return envelope(409, "TRANSCRIPTION_NOT_COMPLETE", "not complete", "trace-409")
+        page = {"paragraphs": [{"index": 0, "text": "Hello."}], "total_count": 1}
+        return web.json_response({"success": True, "data": page})
+
+    app = web.Application()
+    app.router.add_get("/v1/audio/transcribe/{id}", status)
+    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
+    server = await aiohttp_server(app)
+    data_cfg = ait_config(tmp_path, server.port, receiver, auth_header="X-API-Key")
+    data_cfg["providers"]["main"]["api_key"] = "env:AIT_KEY"
+    config = parse_config(data_cfg, base_dir=tmp_path, env={**ENV, "AIT_KEY": AIT_KEY})
+    with caplog.at_level(logging.INFO):
+        async with running(config) as daemon:
+            await api(daemon, "POST", "/v1/jobs", {"docId": "trans_x"})
+            await receiver.wait_for(1)
+    assert calls["status"] >= 4 and calls["paragraphs"] == 3
+    assert receiver.accepted[0].json()["text"] == "Hello."
+    assert "code=INTERNAL message=database hiccup trace_id=trace-500" in caplog.text
+    assert "paragraphs not ready" in caplog.text
+
+
+async def test_garbage_paging_is_never_delivered(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any
+) -> None:
+    """A page that stops short of total_count is retried, not delivered as a partial transcript."""
+    calls = 0
+
+    async def status(request: web.Request) -> web.Response:
+        data = {"id": "trans_g", "status": "completed"}
+        return web.json_response({"success": True, "data": data})
+
+    async def paragraphs(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        items = [] if calls <= 2 else [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]
+        page = {"paragraphs": items, "total_count": 2}
+        return web.json_response({"success": True, "data": page})
+
+    app = web.Application()
+    app.router.add_get("/v1/audio/transcribe/{id}", status)
+    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
+    server = await aiohttp_server(app)
+    config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "trans_g"})
+        await receiver.wait_for(1)
+    assert len(receiver.accepted) == 1
+    assert receiver.accepted[0].json()["text"] == "a\n\nb"
+
+
+async def test_both_providers_side_by_side_each_on_its_own_budget(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Xosum and Aitronos in one daemon, each key with its own budget of 6 per 0.25 s."""
+    mock, runner, port = await mock_provider.serve(
+        window=0.25, limit=6, ready_after=0.4, api_keys={ENV["XOSUM_KEY"], AIT_KEY}
+    )
+    try:
+        data = config_dict(tmp_path, port, {"app": receiver.port}, rate_limit=6)
+        data["providers"]["ait"] = {
+            **data["providers"]["main"],
+            "kind": "aitronos",
+            "api_key": "env:AIT_KEY",
+        }
+        config = parse_config(data, base_dir=tmp_path, env={**ENV, "AIT_KEY": AIT_KEY})
+        async with running(config) as daemon:
+            status = daemon.poller.status()
+            assert status["main"]["key"] != status["ait"]["key"]
+            xs = [{"docId": f"x-{i}", "provider": "main"} for i in range(20)]
+            ais = [{"docId": f"trans_{i}", "provider": "ait"} for i in range(20)]
+            await api(daemon, "POST", "/v1/jobs", xs + ais)
+            await eventually(lambda: settled(daemon, 40), timeout=20)
+        events = sorted(r.json()["event_type"] for r in receiver.accepted)
+        assert events == ["transcript_ready"] * 20 + ["transcription.completed"] * 20
+        assert mock.rejected == 0
+        assert mock.max_in_rolling_window(ENV["XOSUM_KEY"]) <= 6
+        assert mock.max_in_rolling_window(AIT_KEY) <= 6
+        assert len(mock.arrivals) > 80  # each key polled its 20 jobs (and paragraph pages)
+    finally:
+        await runner.cleanup()
