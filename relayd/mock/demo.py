@@ -24,6 +24,8 @@ from relayd.mock import receiver as mock_receiver
 
 WINDOW, LIMIT, READY_AFTER, TIMEOUT = 2.0, 8, 3.0, 60.0
 API_KEY = "demo-key"
+AIT_KEY = "demo-aitronos-key"  # a second key: its own budget
+AIT_JOBS = 2
 
 
 def demo_config(state: Path, provider_port: int, receiver_port: int) -> dict[str, Any]:
@@ -33,6 +35,7 @@ def demo_config(state: Path, provider_port: int, receiver_port: int) -> dict[str
             "spool_dir": str(state / "spool"),
             "socket": str(state / "relayd.sock"),
             "http": "",
+            "default_provider": "demo",  # the spool file names no provider
             "log_level": "warning",
         },
         "providers": {
@@ -46,12 +49,26 @@ def demo_config(state: Path, provider_port: int, receiver_port: int) -> dict[str
                 "webhook_secret": "demo-webhook-secret",
                 "link_template": "https://app.xosum.am/transcripts/{docId}",
                 "endpoints": ["printer"],
-            }
+            },
+            "ait": {
+                "kind": "aitronos",
+                "base_url": f"http://127.0.0.1:{provider_port}",
+                "api_key": AIT_KEY,
+                "rate_limit": LIMIT,
+                "rate_window": f"{WINDOW}s",
+                "poll_interval": "500ms",
+                "endpoints": ["printer"],
+            },
         },
         "endpoints": {
             "printer": {
                 "url": f"http://127.0.0.1:{receiver_port}/webhooks/xosum",
-                "events": ["transcript_ready", "transcript_failed"],
+                "events": [
+                    "transcript_ready",
+                    "transcript_failed",
+                    "transcription.completed",
+                    "transcription.failed",
+                ],
                 "retry_initial": "200ms",
             }
         },
@@ -60,9 +77,10 @@ def demo_config(state: Path, provider_port: int, receiver_port: int) -> dict[str
 
 def _print_received(received: mock_receiver.Received) -> None:
     body = received.json()
-    text = body.get("transcription") or body.get("error") or ""
+    text = body.get("transcription") or body.get("text") or body.get("error") or ""
+    job = body.get("docId") or body.get("transcription_id")
     print(
-        f"  receiver <- {body.get('event_type')} for {body.get('docId')}: {text[:48]!r}"
+        f"  receiver <- {body.get('event_type')} for {job}: {text[:48]!r}"
         f" (webhook-id {received.headers.get('webhook-id')})",
         flush=True,
     )
@@ -70,7 +88,7 @@ def _print_received(received: mock_receiver.Received) -> None:
 
 async def demo(jobs: int = 6) -> int:
     logs.setup("warning")
-    logging.getLogger("relayd.config").setLevel(logging.ERROR)  # the literal demo key is fine
+    logging.getLogger("relayd.config").setLevel(logging.ERROR)  # the literal demo keys are fine
     jobs = max(1, jobs)
     with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp:
         state = Path(tmp)
@@ -99,7 +117,10 @@ async def demo(jobs: int = 6) -> int:
             print(f"submitted {half} job(s) through the spool: {spool_file.name}")
             await _submit_api(config.settings.socket, doc_ids[half:])
             print(f"submitted {len(doc_ids) - half} job(s) through the API socket")
-            ok = await _watch(daemon, provider, len(doc_ids))
+            ait_ids = [f"trans_demo{i:02d}" for i in range(1, AIT_JOBS + 1)]
+            await _submit_api(config.settings.socket, ait_ids, provider="ait")
+            print(f"submitted {len(ait_ids)} Aitronos job(s) through the API socket")
+            ok = await _watch(daemon, provider, len(doc_ids) + len(ait_ids))
         finally:
             stop.set()
             with contextlib.suppress(Exception):
@@ -109,11 +130,11 @@ async def demo(jobs: int = 6) -> int:
     return 0 if ok else 1
 
 
-async def _submit_api(socket: Path | None, doc_ids: list[str]) -> None:
+async def _submit_api(socket: Path | None, doc_ids: list[str], provider: str = "demo") -> None:
     if not doc_ids:
         return
     assert socket is not None
-    body = [{"docId": d, "metadata": {"source": "demo"}} for d in doc_ids]
+    body = [{"docId": d, "provider": provider, "metadata": {"source": "demo"}} for d in doc_ids]
     async with (
         aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session,
         session.post("http://relayd/v1/jobs", data=json.dumps(body)) as resp,
@@ -130,11 +151,12 @@ async def _watch(daemon: Daemon, provider: mock_provider.MockProvider, total: in
         for per_state in daemon.store.job_counts().values():
             for state, n in per_state.items():
                 counts[state] = counts.get(state, 0) + n
-        budget = daemon.poller.status()["demo"]
+        budgets = daemon.poller.status()
+        used = ", ".join(f"{name} {b['budget_used']}/{LIMIT}" for name, b in budgets.items())
         line = (
             f"  jobs: {counts.get('polling', 0)} polling, {counts.get('delivering', 0)} "
-            f"delivering, {counts.get('delivered', 0)} delivered | budget "
-            f"{budget['budget_used']}/{LIMIT} this window | provider 429s: {provider.rejected}"
+            f"delivering, {counts.get('delivered', 0)} delivered | budget this window: {used}"
+            f" | provider 429s: {provider.rejected}"
         )
         if line != last:
             print(line, flush=True)
@@ -143,7 +165,8 @@ async def _watch(daemon: Daemon, provider: mock_provider.MockProvider, total: in
             elapsed = time.monotonic() - started
             print(
                 f"all {total} job(s) delivered in {elapsed:.1f}s; {len(provider.arrivals)} "
-                f"provider requests, busiest window {provider.max_in_fixed_window()}/{LIMIT}, "
+                f"provider requests, busiest key's busiest window "
+                f"{provider.max_in_fixed_window()}/{LIMIT}, "
                 f"{provider.rejected} x 429"
             )
             return provider.rejected == 0
