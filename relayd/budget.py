@@ -66,8 +66,9 @@ class Budget:
         t, tokens = self._tokens_at, self._tokens
         if until <= t:
             return tokens
-        held = self.in_flight + sum(1 for f in self._frees if f > t)
-        for free in itertools.chain((f for f in self._frees if f > t), (math.inf,)):
+        # every slot in _frees frees after _tokens_at (both move together in _advance)
+        held = self.in_flight + len(self._frees)
+        for free in itertools.chain(self._frees, (math.inf,)):
             end = min(free, until)
             cap = min(self.burst, max(1, self.limit - held + 1))
             tokens = max(tokens, min(cap, tokens + (end - t) * self.rate))
@@ -152,12 +153,17 @@ class Budget:
     def _first_free(self, at: float) -> float | None:
         """When, from `at` on (not before the last update), a request may go: the rolling window
         has a slot and the bucket a token. Changes nothing."""
-        pending = [t for t in self._frees if t > at]
+        freed = 0  # slots already free by `at`
+        for t in self._frees:
+            if t > at:
+                break
+            freed += 1
+        pending = len(self._frees) - freed
         room = self.limit - self.in_flight
-        if room - len(pending) > 0:
+        if room - pending > 0:
             free = at
         elif pending and room > 0:
-            free = pending[len(pending) - room]  # the k-th free time makes one slot available
+            free = self._frees[freed + pending - room]  # the k-th free time frees one slot
         else:
             return None
         tokens = self._tokens_by(free)
