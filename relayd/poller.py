@@ -59,7 +59,9 @@ class KeyGroup:
     pause_reason: str = ""
     waiters: int = 0  # requests waiting for a slot outside the schedule (paragraph pages)
     in_flight: set[int] = field(default_factory=set)
-    targets: dict[int, float] = field(default_factory=dict)  # job -> its current poll delay
+    # job -> the soonest it may be polled again, as a delay (poll_interval, max-age, backoff)
+    targets: dict[int, float] = field(default_factory=dict)
+    ready_at: dict[int, float] = field(default_factory=dict)  # polls in flight: when ready again
 
     def can_dispatch(self, now: float) -> bool:
         if self.pause_reason and (now < self.paused_until or self.in_flight):
@@ -318,7 +320,7 @@ class Poller:
 
     def _dispatch(self, group: KeyGroup, now: float, wall: float) -> None:
         while group.can_dispatch(now):
-            job_id = group.schedule.pop_due(wall)
+            job_id = group.schedule.pop(wall)
             if job_id is None:
                 return
             group.budget.try_acquire(now, wall=wall)
@@ -328,7 +330,7 @@ class Poller:
             task.add_done_callback(self._tasks.discard)
 
     def _next_wake(self, group: KeyGroup, now: float, wall: float) -> float | None:
-        due = group.schedule.next_due()
+        due = group.schedule.next_at(wall)
         if due is None or group.waiters or (group.pause_reason and group.in_flight):
             return None  # an answer will wake us
         delay = max(0.0, due - wall)
@@ -362,10 +364,11 @@ class Poller:
             due = self.clock.time() + 1.0
         finally:
             group.in_flight.discard(job_id)
+            ready = group.ready_at.pop(job_id, due)
             if due is None:
                 group.targets.pop(job_id, None)
             elif not self._stopping:
-                group.schedule.add(job_id, due)
+                group.schedule.add(job_id, due, ready)
             self.wake()
 
     async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
@@ -418,10 +421,13 @@ class Poller:
             interval = next_delay(
                 now - job.submitted_at, pc.poll_interval, expected, crowded=crowded
             )
-        due = now + max(interval, outcome.min_interval or 0.0)
+        soonest = max(pc.poll_interval, outcome.min_interval or 0.0)
+        due = now + max(interval, soonest)
         self._record(
             job, now, outcome.http_status, "pending", None, due, 0, 0, outcome.status, outcome.etag
         )
+        group.targets[job.id] = soonest
+        group.ready_at[job.id] = now + soonest  # spare budget may poll it before it is due
         return due
 
     def _failed_poll(
@@ -449,7 +455,7 @@ class Poller:
     ) -> None:
         group = self.group_of.get(job.provider)
         if group is not None:
-            group.targets[job.id] = due - now  # this job's current poll delay, for status
+            group.targets[job.id] = due - now  # not before `due` (backoff), unless said otherwise
         self.store.record_poll(
             job.id,
             now=now,

@@ -195,7 +195,7 @@ class Sim:
         now = 0.0
         while now < until:
             while budget.try_acquire(now):
-                job = schedule.pop_due(now)
+                job = schedule.pop(now)
                 if job is None:
                     budget.unused()
                     break
@@ -217,8 +217,9 @@ class Sim:
                 expected = runs.expect("p", hints) if self.adaptive else None
                 crowded = self.n * self.window / self.limit > self.interval
                 delay = next_delay(now - submitted, self.interval, expected, crowded=crowded)
-                schedule.add(job, now + (delay if self.adaptive else self.interval))
-            due, free = schedule.next_due(), budget.next_free_at(now)
+                due = now + (delay if self.adaptive else self.interval)
+                schedule.add(job, due, now + self.interval)
+            due, free = schedule.next_at(now), budget.next_free_at(now)
             assert due is not None and free is not None
             now = max(now + 1e-9, due, free)
 

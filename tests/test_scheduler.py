@@ -12,7 +12,7 @@ PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
 
 def drain(schedule: Schedule, now: float) -> list[int]:
     out = []
-    while (job := schedule.pop_due(now)) is not None:
+    while (job := schedule.pop(now, early=False)) is not None:
         out.append(job)
     return out
 
@@ -23,10 +23,10 @@ def test_pops_earliest_due_first() -> None:
     s.add(1, 30.0)
     s.add(2, 10.0)
     s.add(3, 20.0)
-    assert s.next_due() == 10.0
+    assert s.next_at(0.0, early=False) == 10.0
     assert drain(s, 100.0) == [2, 3, 1]
     assert len(s) == 0
-    assert s.next_due() is None
+    assert s.next_at(0.0, early=False) is None
 
 
 def test_equal_due_times_keep_insertion_order() -> None:
@@ -43,9 +43,9 @@ def test_reschedule_keeps_only_the_latest_due_earlier() -> None:
     s.add(1, 50.0)
     s.add(1, 5.0)
     assert len(s) == 1
-    assert s.next_due() == 5.0
-    assert s.pop_due(10.0) == 1
-    assert s.pop_due(100.0) is None
+    assert s.next_at(0.0, early=False) == 5.0
+    assert s.pop(10.0, early=False) == 1
+    assert s.pop(100.0, early=False) is None
     assert 1 not in s
 
 
@@ -55,8 +55,8 @@ def test_reschedule_keeps_only_the_latest_due_later() -> None:
     s.add(1, 5.0)
     s.add(2, 20.0)
     s.add(1, 50.0)
-    assert s.pop_due(10.0) is None
-    assert s.next_due() == 20.0
+    assert s.pop(10.0, early=False) is None
+    assert s.next_at(0.0, early=False) == 20.0
     assert drain(s, 100.0) == [2, 1]
 
 
@@ -70,7 +70,7 @@ def test_remove_drops_the_job() -> None:
     assert 1 not in s
     assert 2 in s
     assert len(s) == 1
-    assert s.next_due() == 2.0
+    assert s.next_at(0.0, early=False) == 2.0
     assert drain(s, 10.0) == [2]
 
 
@@ -89,10 +89,10 @@ def test_pop_due_respects_now() -> None:
     """Nothing is popped before its due time; the due time itself counts as due."""
     s = Schedule()
     s.add(1, 5.0)
-    assert s.pop_due(4.999) is None
+    assert s.pop(4.999, early=False) is None
     assert 1 in s
-    assert s.pop_due(5.0) == 1
-    assert s.pop_due(5.0) is None
+    assert s.pop(5.0, early=False) == 1
+    assert s.pop(5.0, early=False) is None
 
 
 def test_waiting_counts_due_jobs() -> None:
@@ -129,7 +129,7 @@ def test_no_job_starves_under_overload(
     for _ in range(rounds):
         now += interval  # overloaded: every job is already due again
         for _ in range(k):
-            job = s.pop_due(now)
+            job = s.pop(now, early=False)
             if job is None:
                 break
             polls[job] += 1
@@ -138,3 +138,47 @@ def test_no_job_starves_under_overload(
         assert max(counts) - min(counts) <= 1
     assert min(polls.values()) >= 1
     assert len(s) == n
+
+
+def test_a_free_slot_goes_to_the_ready_job_due_soonest() -> None:
+    """Nothing due: `pop` (early) gives the ready job with the earliest due time; a job that is
+    not ready yet (polled within its poll_interval, or backing off) is never given early."""
+    s = Schedule()
+    s.add(1, due=50.0, ready=10.0)  # cadence wants it at 50, allowed from 10
+    s.add(2, due=30.0, ready=25.0)  # allowed only from 25
+    s.add(3, due=40.0)  # backing off: ready = due
+    assert s.pop(5.0) is None
+    assert s.next_at(5.0) == 10.0
+    assert s.pop(20.0, early=False) is None  # nothing is due yet
+    assert s.next_at(20.0) == 20.0  # but job 1 may go now
+    assert s.pop(20.0) == 1
+    assert s.pop(20.0) is None  # 2 is not ready until 25, 3 not until 40
+    assert s.pop(26.0) == 2
+    assert s.next_at(26.0) == 40.0
+    assert s.pop(41.0) == 3
+
+
+def test_a_due_job_goes_before_an_early_one() -> None:
+    s = Schedule()
+    s.add(1, due=100.0, ready=0.0)
+    s.add(2, due=10.0)
+    assert s.pop(11.0) == 2
+    assert s.pop(11.0) == 1
+
+
+def test_ready_is_never_after_due() -> None:
+    """A ready time past the due time is clamped: a due job is always ready."""
+    s = Schedule()
+    s.add(1, due=10.0, ready=99.0)
+    assert s.pop(10.0, early=False) == 1
+
+
+def test_rescheduling_replaces_both_times() -> None:
+    s = Schedule()
+    s.add(1, due=10.0, ready=0.0)
+    s.add(1, due=50.0, ready=40.0)
+    assert s.pop(20.0) is None
+    assert s.next_at(20.0) == 40.0
+    assert s.waiting(60.0) == 1
+    assert s.pop(45.0) == 1
+    assert len(s) == 0 and s.next_at(45.0) is None
