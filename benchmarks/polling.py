@@ -225,6 +225,7 @@ class ClosedLoop:
                 spec.doc_id,
                 ready_after=spec.ready_after,
                 progress={"type": "audio", "duration": spec.audio_seconds},
+                duration=spec.audio_seconds,  # the finished answer tells the same duration
             )
             self.jobs[spec.doc_id] = Tracked(now, job.finished_at - self.skew)
         self.system.submit([spec.doc_id for spec in batch])

@@ -27,8 +27,10 @@ carry no duration, how many seconds they took outright. It is a robust range (5t
 percentile with a margin), not a mean, so one odd job cannot move it far.
 
 The scheduler (`scheduler.Schedule`) stays earliest-due-first: a job's due time is the end of its
-target delay. Under overload every job is late by the same lag, so the budget is shared fairly
-and a job with a long target delay simply takes fewer turns.
+target delay, and it is *ready* again `poll_interval` after its poll. A free budget slot goes to
+the ready job due soonest, so adapting decides who goes first when the budget is short, never
+whether the budget is used. Under overload every job is late by the same lag, so the budget is
+shared fairly and a job with a long target delay simply takes fewer turns.
 """
 
 from __future__ import annotations
