@@ -121,6 +121,14 @@ SCHEMA = [
     """,
 ]
 
+# Indexes outside the numbered versions: created when missing, on any schema version, so adding
+# one takes no migration number.
+INDEXES = {
+    # expire_jobs runs per provider every 5 s: without it, each run reads every polling job
+    # (100 providers x 100,000 jobs: 0.9 s per pass); oldest_polling and job_counts use it too.
+    "jobs_by_state_provider": "ON jobs (state, provider, submitted_at)",
+}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -280,6 +288,12 @@ class Store:
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number}")
+        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+        known = {r[0] for r in rows}
+        if missing := INDEXES.keys() - known:
+            with self._write():
+                for name in sorted(missing):
+                    self._db.execute(f"CREATE INDEX IF NOT EXISTS {name} {INDEXES[name]}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

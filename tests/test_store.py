@@ -209,6 +209,30 @@ def test_run_times_keep_what_finished_jobs_teach(store: Store) -> None:
     assert store.run_times(limit=1) == [("xosum", "audio", 60.0, 8.0)]
 
 
+def test_expiry_reads_only_the_providers_old_jobs(db_path: Path) -> None:
+    """The per-provider expiry query (every 5 s) is an index range, not a pass over every
+    polling job; a database from an older schema gets the index when opened."""
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path)
+    raw.executescript(SCHEMA[0])
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    s = Store(db_path)
+    try:
+        plan = " ".join(
+            row[3]
+            for row in s._db.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM jobs"
+                " WHERE provider=? AND state=? AND submitted_at<?",
+                ("xosum", JobState.POLLING, T0),
+            )
+        )
+        assert "(state=? AND provider=? AND submitted_at<?)" in plan
+    finally:
+        s.close()
+
+
 def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
     """Saved budgets are read back after reopening, then forgotten (a crash must not reuse them)."""
     s = Store(db_path)
