@@ -463,6 +463,37 @@ def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
     assert webhook_id("a", "bc", "e") != webhook_id("ab", "c", "e")
 
 
+def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: Store) -> None:
+    """record_poll skips the fsync (it acknowledges nothing); every other change, even one right
+    after it or after a poll record that failed, is committed with synchronous=FULL."""
+    job_id = add(store)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    def poll(job: int) -> bool:
+        return store.record_poll(
+            job,
+            now=T0 + 1,
+            http_status=200,
+            outcome="pending",
+            detail=None,
+            next_poll_at=T0 + 6,
+            errors=0,
+            not_found=0,
+        )
+
+    assert poll(job_id)
+    assert statements[0] == "PRAGMA synchronous=NORMAL"
+    assert statements[-2:] == ["COMMIT", "PRAGMA synchronous=FULL"]
+    assert not poll(job_id + 99)
+    assert statements[-1] == "PRAGMA synchronous=FULL"
+    del statements[:]
+    assert finish(store, job_id)
+    assert not any(s.startswith("PRAGMA") for s in statements)
+    store._db.set_trace_callback(None)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
 @pytest.mark.parametrize("final", [JobState.EXPIRED, JobState.UNKNOWN, JobState.CANCELLED])
 def test_end_job_stops_polling(store: Store, final: JobState) -> None:
     """end_job moves a polled job to its final state once; later polls are refused."""
