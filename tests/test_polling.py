@@ -33,7 +33,7 @@ async def test_learned_run_times_survive_a_restart(
     assert len(rows) == 10
     for name, kind, media, ran_for in rows:
         assert (name, kind, media) == ("main", "audio", 100.0)
-        assert 0.15 < ran_for < 1.0  # finished 0.3 s after submission, give or take a poll
+        assert 0.1 < ran_for < 1.0  # done 0.3 s after registering: the middle of its last gap
     async with running(config) as daemon:
         expected = daemon.poller.run_times.expect("main", Hints("audio", 100.0))
         assert expected is not None and 0.1 < expected.early < 0.35 < expected.late < 1.2
@@ -61,11 +61,10 @@ async def test_a_crowded_key_skips_polls_before_the_expected_finish(
                          and job.polls >= 1)  # fmt: skip
         job = daemon.store.get_job("main", "young")
         assert job is not None
-        wait = job.next_poll_at - job.updated_at
-        if adaptive:
-            assert wait > 0.5  # straight to the learned window (about 0.85 s after submission)
+        if adaptive:  # due when the learned window opens, about 0.8 s after submission
+            assert job.next_poll_at - job.submitted_at > 0.6
         else:
-            assert wait == pytest.approx(0.1, abs=0.01)
+            assert job.next_poll_at - job.updated_at == pytest.approx(0.1, abs=0.01)
 
 
 async def test_status_shows_how_the_budget_is_shared(
@@ -81,7 +80,7 @@ async def test_status_shows_how_the_budget_is_shared(
         _, status = await api(daemon, "GET", "/v1/status")
     budget = status["providers"]["main"]["budget"]
     assert budget["jobs_in_flight"] == 40
-    assert 0 < budget["budget_used"] <= 8
+    assert budget["budget_used"] <= 8  # (0 just after a window boundary)
     # 40 jobs want a poll every 0.1 s; 8 per 0.25 s allows 32/s: each is polled every 1.25 s
     assert budget["polls_wanted_per_second"] == pytest.approx(400, rel=0.01)
     assert budget["poll_interval_effective"] == pytest.approx(1.25, rel=0.01)
