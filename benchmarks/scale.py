@@ -86,17 +86,18 @@ web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """
 
 
-def self_cpu() -> float:
+def self_cpu() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
 
 
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return (int(fields[11]) + int(fields[12])) / TICKS, int(fields[12]) / TICKS
 
 
 def proc_mem(pid: int) -> dict[str, int]:
@@ -206,6 +207,7 @@ class Steady:
     seconds: float
     requests: int
     cpu: float
+    system: float  # of which in the kernel
     rss_kb: tuple[int, int] = (0, 0)  # at the start and the end of the interval
     db_bytes: tuple[int, int] = (0, 0)
 
@@ -244,7 +246,7 @@ async def baseline(mock: Mock, port: int, keys: int, rate: int, jobs: int, warmu
         n1, c1, t1 = (await mock.count())["requests"], self_cpu(), time.perf_counter()
         stop = True
         await asyncio.gather(*tasks)
-    return Steady(t1 - t0, n1 - n0, c1 - c0)
+    return Steady(t1 - t0, n1 - n0, c1[0] - c0[0], c1[1] - c0[1])
 
 
 class Daemon:
@@ -299,7 +301,7 @@ class Daemon:
             await proc.wait()
 
     def cpu(self) -> float:
-        return proc_cpu(self.proc.pid)
+        return proc_cpu(self.proc.pid)[0]
 
     def mem(self) -> dict[str, int]:
         return proc_mem(self.proc.pid)
@@ -332,12 +334,13 @@ class Daemon:
 async def steady(daemon: Daemon, mock: Mock, warmup: float, seconds: float) -> Steady:
     state = daemon.tmp / "state"
     await asyncio.sleep(warmup)
-    n0, c0, t0 = (await mock.count())["requests"], daemon.cpu(), time.perf_counter()
+    pid = daemon.proc.pid
+    n0, c0, t0 = (await mock.count())["requests"], proc_cpu(pid), time.perf_counter()
     m0, d0 = daemon.mem()["VmRSS"], db_bytes(state)
     await asyncio.sleep(seconds)
-    n1, c1, t1 = (await mock.count())["requests"], daemon.cpu(), time.perf_counter()
+    n1, c1, t1 = (await mock.count())["requests"], proc_cpu(pid), time.perf_counter()
     m1, d1 = daemon.mem()["VmRSS"], db_bytes(state)
-    return Steady(t1 - t0, n1 - n0, c1 - c0, (m0, m1), (d0, d1))
+    return Steady(t1 - t0, n1 - n0, c1[0] - c0[0], c1[1] - c0[1], (m0, m1), (d0, d1))
 
 
 def db_bytes(state: Path) -> int:
@@ -348,6 +351,7 @@ def db_bytes(state: Path) -> int:
 async def run(args: argparse.Namespace, tmp: Path) -> None:
     jobs, keys, rate = args.jobs, args.keys, args.rate
     budget = keys * rate / WINDOW
+    load0 = os.getloadavg()[0]
     port = 19000 + os.getpid() % 1000
     config = write_config(tmp, port, keys, rate)
     fill = prefill(tmp / "state" / "relayd.db", jobs, keys)
@@ -388,12 +392,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
 
     print(f"{jobs} polling jobs across {keys} keys; budget {rate} req/{WINDOW:g}s per key "
           f"= {budget:.0f} polls/s; mock provider in its own process")  # fmt: skip
-    print(f"python {platform.python_version()}, {os.cpu_count()} cores; {args.seconds:g}s "
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores (load average "
+          f"{load0:.2f} at start, {os.getloadavg()[0]:.2f} at end); {args.seconds:g}s "
           f"measured after {args.warmup:g}s warm-up; prefill {fill:.1f}s")  # fmt: skip
     print()
-    print(f"{'':34}{'polls/s':>9}{'of budget':>11}{'CPU-s/1000 polls':>18}")
+    print(f"{'':34}{'polls/s':>9}{'of budget':>11}{'CPU-s/1000 polls':>18}{'in kernel':>11}")
     for label, s in (("baseline (bare aiohttp, same pace)", base), ("relayd", run1)):
-        print(f"{label:34}{s.rate:9.0f}{s.rate / budget:10.0%} {s.cpu_per_1000:18.3f}")
+        print(f"{label:34}{s.rate:9.0f}{s.rate / budget:10.0%} {s.cpu_per_1000:18.3f}"
+              f"{s.system / s.cpu:10.0%}")  # fmt: skip
     print(f"ratio relayd/baseline: CPU per poll {run1.cpu_per_1000 / base.cpu_per_1000:.2f}x, "
           f"relayd busy {run1.cpu / run1.seconds:.0%} of one core")  # fmt: skip
     print()
@@ -435,6 +441,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.jobs, args.keys, args.seconds, args.warmup = 10_000, 20, 10, 3
+    if args.jobs < args.keys:
+        parser.error("--jobs must be at least --keys (every key needs a job to poll)")
     if args.profile is not None:
         args.profile = args.profile.absolute()
     tmp = Path(tempfile.mkdtemp(prefix="relayd-scale-"))
