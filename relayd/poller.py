@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ class KeyGroup:
     pause_reason: str = ""
     waiters: int = 0  # requests waiting for a slot outside the schedule (paragraph pages)
     in_flight: set[int] = field(default_factory=set)
+    idle_until: float = 0.0  # monotonic: nothing to do before then unless the group is woken
     # job -> the soonest it may be polled again, as a delay (poll_interval, max-age, backoff)
     targets: dict[int, float] = field(default_factory=dict)
     ready_at: dict[int, float] = field(default_factory=dict)  # polls in flight: when ready again
@@ -110,7 +112,7 @@ class Upstream:
         finally:
             group.budget.release(clock.monotonic())
             poller.metrics.upstream_requests.labels(self._provider.name, code).inc()
-            poller.wake()
+            poller.wake(group)
         if answer.status == 429:
             poller.metrics.rate_limited.labels(self._provider.name).inc()
             retry_after = parse_retry_after(
@@ -249,9 +251,15 @@ class Poller:
         if group is not None and job.id not in group.in_flight:
             group.schedule.add(job.id, job.next_poll_at)
             group.targets.setdefault(job.id, self.config.providers[job.provider].poll_interval)
-            self.wake()
+            self.wake(group)
 
-    def wake(self) -> None:
+    def wake(self, group: KeyGroup | None = None) -> None:
+        """Run the dispatch loop now: for `group`, or for every group."""
+        if group is None:
+            for each in self.groups.values():
+                each.idle_until = 0.0
+        else:
+            group.idle_until = 0.0
         self._wake.set()
         for waiter in self._slot_waiters:
             if not waiter.done():
@@ -309,8 +317,12 @@ class Poller:
                     expiry_due = now + 5.0
                 timeout = expiry_due - now
                 for group in self.groups.values():
+                    if now < group.idle_until:  # not woken, and nothing due before then
+                        timeout = min(timeout, group.idle_until - now)
+                        continue
                     self._dispatch(group, now, wall)
                     delay = self._next_wake(group, now, wall)
+                    group.idle_until = math.inf if delay is None else now + delay
                     if delay is not None:
                         timeout = min(timeout, delay)
                 with contextlib.suppress(TimeoutError):
@@ -369,7 +381,7 @@ class Poller:
                 group.targets.pop(job_id, None)
             elif not self._stopping:
                 group.schedule.add(job_id, due, ready)
-            self.wake()
+            self.wake(group)
 
     async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
         """Poll one job (a slot is already taken); return when it is due again, or None."""
