@@ -491,7 +491,7 @@ class Poller:
                 if endpoint is not None and event.name in endpoint.events:
                     deliveries.append(NewDelivery(name, event.name, body))
         ran_for = None
-        if outcome.learn is not None:
+        if outcome.succeeded:
             # it finished between the previous poll (or submission) and this one
             ran_for = max(0.0, (max(job.updated_at, job.submitted_at) + now) / 2 - job.submitted_at)
         self.store.finish_job(
@@ -502,12 +502,13 @@ class Poller:
             deliveries=deliveries,
             http_status=outcome.http_status,
             detail=f"{len(deliveries)} deliveries",
+            succeeded=outcome.succeeded,
             ran_for=ran_for,
-            media_kind=outcome.learn.kind if outcome.learn else None,
-            media_seconds=outcome.learn.media_seconds if outcome.learn else None,
+            media_kind=outcome.hints.kind,
+            media_seconds=outcome.hints.media_seconds,
         )
-        if outcome.learn is not None and ran_for is not None:
-            self.run_times.observe(job.provider, outcome.learn, ran_for)
+        if ran_for is not None:
+            self.run_times.observe(job.provider, outcome.hints, ran_for)
         log.info(
             "job %s: %d deliveries",
             outcome.status,

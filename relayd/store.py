@@ -532,11 +532,13 @@ class Store:
         deliveries: Iterable[NewDelivery],
         http_status: int | None,
         detail: str | None,
+        succeeded: bool = True,
         ran_for: float | None = None,
         media_kind: str | None = None,
         media_seconds: float | None = None,
     ) -> bool:
         """The provider reported a terminal status: store it and the deliveries it calls for.
+        With none, the job ends `delivered`, or `failed` if it did not succeed.
 
         `ran_for` (seconds from submission to done) and the media it was for are kept for
         learning how long jobs take; None when the job should not teach (it failed)."""
@@ -567,7 +569,7 @@ class Store:
             if count:
                 state = JobState.DELIVERING
             else:
-                state = JobState.DELIVERED if result_status != "failed" else JobState.FAILED
+                state = JobState.DELIVERED if succeeded else JobState.FAILED
             db.execute(
                 "UPDATE jobs SET state=?, polls=polls+1, result_status=?, last_status=?,"
                 " result=?, finished_at=?, updated_at=?, ran_for=?, media_kind=?,"

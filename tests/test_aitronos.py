@@ -15,7 +15,16 @@ from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from relayd.providers.aitronos import envelope_error, max_age
 from relayd.providers.base import Answer
-from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
+from tests.conftest import (
+    ENV,
+    api,
+    config_dict,
+    eventually,
+    make_config,
+    running,
+    settled,
+    states,
+)
 
 AIT_KEY = "ait-key-0002"
 
@@ -141,6 +150,21 @@ async def test_failed_and_cancelled_are_transcription_failed(
     assert bodies["fail_1"]["data"]["error"] == "audio could not be decoded"
     assert bodies["trans_c"]["status"] == "cancelled"
     assert "paragraphs" not in bodies["trans_c"]
+
+
+async def test_a_cancelled_job_nobody_wants_ends_failed_not_delivered(
+    tmp_path: Path, ait: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """With no endpoint hearing transcription.failed, a cancelled job is `failed`, like a
+    failed one: nothing was delivered, and it must not read `delivered`."""
+    ait.add_job("trans_c", outcome="failed", ready_after=0.1, status="cancelled")
+    data = ait_config(tmp_path, ait.port, receiver)
+    data["endpoints"]["app"]["events"] = ["transcription.completed"]
+    async with running(make_config(data, tmp_path)) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "trans_c"})
+        await eventually(lambda: settled(daemon, 1))
+        assert states(daemon) == {"failed": 1}
+    assert receiver.accepted == []
 
 
 # -- against hand-written fakes ------------------------------------------------------------------

@@ -61,6 +61,7 @@ def finish(
         deliveries=[NewDelivery(e, "transcript_ready", json.dumps({"e": e})) for e in endpoints],
         http_status=200,
         detail=None,
+        succeeded=status != "failed",
     )
 
 

@@ -138,9 +138,9 @@ class AitronosProvider:
                 return Progress(status, answer.status, None, wait, hints)
             body = self.completed_body(job, data, paragraphs, pii)
             event = Event("transcription.completed", body)
-            return Finished(status, answer.status, data, [event], learn=hints)
+            return Finished(status, answer.status, data, [event], hints=hints)
         event = Event("transcription.failed", self.failed_body(job, status, data, pii))
-        return Finished(status, answer.status, data, [event])
+        return Finished(status, answer.status, data, [event], succeeded=False, hints=hints)
 
     async def _paragraphs(
         self, job: Job, http: Http, url: str, pii: dict[str, Any]

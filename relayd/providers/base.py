@@ -90,7 +90,8 @@ class Finished:
     http_status: int
     result: dict[str, Any]
     events: list[Event] = field(default_factory=list)
-    learn: Hints | None = None  # set when the job succeeded: it teaches how long such jobs take
+    succeeded: bool = True  # False: failed or cancelled (the job ends `failed` if unwanted)
+    hints: Hints = field(default_factory=Hints)  # the media; a success teaches how long it took
 
 
 class Provider(Protocol):

@@ -52,9 +52,9 @@ class XosumProvider:
             if "transcription" not in doc:
                 raise Retryable(f"answer for {job.doc_id} says transcribed without transcription")
             event = Event("transcript_ready", self.ready_body(job, doc))
-            return Finished(status, answer.status, doc, [event], learn=hints)
+            return Finished(status, answer.status, doc, [event], hints=hints)
         event = Event("transcript_failed", self.failed_body(job, doc))
-        return Finished(status=status, http_status=answer.status, result=doc, events=[event])
+        return Finished(status, answer.status, doc, [event], succeeded=False, hints=hints)
 
     def _common(self, job: Job, event_type: str, doc: dict[str, Any]) -> dict[str, Any]:
         secret = self._config.webhook_secret
