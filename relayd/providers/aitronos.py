@@ -19,11 +19,10 @@ from relayd.providers.base import (
     Event,
     Finished,
     Http,
-    NotFound,
     Progress,
     Retryable,
-    Unauthorized,
     auth_headers,
+    classify,
     snippet,
 )
 from relayd.store import Job
@@ -48,41 +47,28 @@ def max_age(cache_control: str | None) -> float | None:
     return float(match[1]) if match else None
 
 
-def envelope_error(answer: Answer) -> str:
-    """The error envelope's code, message and trace id, for the log; else a body snippet."""
-    try:
-        doc = answer.json()
-    except Retryable:
-        doc = None
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, dict):
-        parts = [f"{k}={error[k]}" for k in ("code", "message", "trace_id") if error.get(k)]
-        if parts:
-            return " ".join(str(p) for p in parts)
-    return snippet(answer.body)
-
-
-def _error_code(answer: Answer) -> str | None:
+def _error(answer: Answer) -> dict[str, Any] | None:
+    """The `error` object of an error envelope, if the answer is one."""
     try:
         doc = answer.json()
     except Retryable:
         return None
     error = doc.get("error") if isinstance(doc, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) else None
+    return error if isinstance(error, dict) else None
+
+
+def envelope_error(answer: Answer) -> str:
+    """The error envelope's code, message and trace id, for the log; else a body snippet."""
+    error = _error(answer) or {}
+    parts = [f"{k}={error[k]}" for k in ("code", "message", "trace_id") if error.get(k)]
+    return " ".join(parts) if parts else snippet(answer.body)
 
 
 def check(answer: Answer, what: str) -> None:
-    """Raise the matching ProviderError for an answer that is not a usable 2xx/304."""
-    status = answer.status
-    if status in (200, 304):
-        return
-    detail = envelope_error(answer)
-    if status in (401, 403):
-        raise Unauthorized(f"HTTP {status} for {what}: {detail}")
-    if status == 404:
-        raise NotFound(f"HTTP 404 for {what}: {detail}")
-    raise Retryable(f"HTTP {status} for {what}: {detail}")
+    """Raise the matching ProviderError for an answer that is not a 200 or a 304."""
+    if answer.status not in (200, 304):
+        classify(answer, what, envelope_error)
+        raise Retryable(f"HTTP {answer.status} for {what}: {envelope_error(answer)}")
 
 
 def _data(answer: Answer, what: str) -> dict[str, Any]:
@@ -152,7 +138,8 @@ class AitronosProvider:
             params = {"limit": str(PAGE), "offset": str(len(paragraphs))}
             answer = await http.get(f"{url}/paragraphs", headers=self._headers, params=params)
             if answer.status == 409:
-                if _error_code(answer) not in (None, "TRANSCRIPTION_NOT_COMPLETE"):
+                code = (_error(answer) or {}).get("code")
+                if code not in (None, "TRANSCRIPTION_NOT_COMPLETE"):
                     log.warning(
                         "paragraphs answered 409: %s",
                         envelope_error(answer),

@@ -7,7 +7,7 @@ aiohttp. The `Http` they are given spends the key's budget on every request.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,15 +103,20 @@ class Provider(Protocol):
         ...
 
 
-def classify(answer: Answer, what: str) -> None:
-    """Raise the matching ProviderError for an answer that is not a usable 2xx/304."""
+def classify(answer: Answer, what: str, detail: Callable[[Answer], str] | None = None) -> None:
+    """Raise the matching ProviderError for an answer that is not a usable 2xx/304.
+
+    `detail` says what the provider's error body means (default: a snippet of it, on 5xx)."""
     status = answer.status
+    if 200 <= status < 300 or status == 304:
+        return
+    said = detail(answer) if detail else None
     if status in (401, 403):
-        raise Unauthorized(f"HTTP {status} for {what}: check the API key")
+        extra = f" ({said})" if said else ""
+        raise Unauthorized(f"HTTP {status} for {what}: check the API key{extra}")
     if status == 404:
-        raise NotFound(f"HTTP 404 for {what}")
-    if not 200 <= status < 300 and status != 304:
-        raise Retryable(f"HTTP {status} for {what}: {snippet(answer.body)}")
+        raise NotFound(f"HTTP 404 for {what}" + (f": {said}" if said else ""))
+    raise Retryable(f"HTTP {status} for {what}: {said or snippet(answer.body)}")
 
 
 def auth_headers(auth_header: str, api_key: str) -> dict[str, str]:
