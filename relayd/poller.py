@@ -436,10 +436,18 @@ class Poller:
         soonest = max(pc.poll_interval, outcome.min_interval or 0.0)
         due = now + max(interval, soonest)
         self._record(
-            job, now, outcome.http_status, "pending", None, due, 0, 0, outcome.status, outcome.etag
+            job,
+            now,
+            outcome.http_status,
+            "pending",
+            None,
+            due,
+            0,
+            0,
+            outcome.status,
+            outcome.etag,
+            ready=now + soonest,  # spare budget may poll it before it is due
         )
-        group.targets[job.id] = soonest
-        group.ready_at[job.id] = now + soonest  # spare budget may poll it before it is due
         return due
 
     def _failed_poll(
@@ -464,10 +472,10 @@ class Poller:
         not_found: int,
         status: str | None = None,
         etag: str | None = None,
+        ready: float | None = None,
     ) -> None:
-        group = self.group_of.get(job.provider)
-        if group is not None:
-            group.targets[job.id] = due - now  # not before `due` (backoff), unless said otherwise
+        """Store a poll that did not finish the job. It is due again at `due`, and may be
+        polled from `ready` on when budget is spare (default: not before `due`, a backoff)."""
         self.store.record_poll(
             job.id,
             now=now,
@@ -480,6 +488,11 @@ class Poller:
             last_status=status,
             etag=etag,
         )
+        group = self.group_of.get(job.provider)
+        if group is not None:
+            ready = due if ready is None else ready
+            group.targets[job.id] = ready - now  # the soonest delay, for status
+            group.ready_at[job.id] = ready
 
     def _finish(self, job: Job, pc: ProviderConfig, outcome: Finished, now: float) -> None:
         targets = job.endpoints if job.endpoints is not None else pc.endpoints
