@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from relayd.daemon import Daemon
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
 
 
 def error(status: int, message: str) -> web.Response:
@@ -68,6 +68,7 @@ def make_app(daemon: Daemon, *, token: str | None = None) -> web.Application:
     app.router.add_delete("/v1/jobs/{provider}/{doc_id}", api.cancel)
     app.router.add_get("/v1/status", api.status)
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)
     return app
 
@@ -90,6 +91,7 @@ class Api:
         except StoreError as exc:
             self.daemon.metrics.intake.labels("api", "unavailable").inc()
             return error(503, f"cannot store jobs now: {exc}")
+        self.daemon.metrics.intake.labels("api", "accepted").inc()
         jobs = [{**job.as_dict(), "created": created} for job, created in stored]
         return web.json_response({"jobs": jobs}, status=202)
 
@@ -153,6 +155,14 @@ class Api:
         if problem:
             return web.json_response({"status": "failing", "error": problem}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready for work: started, not draining, loops alive, the database takes writes."""
+        problems = self.daemon.readiness_problems()
+        if problems:
+            body = {"status": "not ready", "error": "; ".join(problems), "problems": problems}
+            return web.json_response(body, status=503)
+        return web.json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.daemon.metrics.render()

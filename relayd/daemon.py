@@ -37,6 +37,7 @@ from relayd.store import Job, JobState, Store, StoreError
 log = logging.getLogger("relayd.daemon")
 
 DRAIN_SECONDS = 10.0
+STATUS_SECONDS = 5.0  # how often STATUS= is refreshed when systemd sets no watchdog
 
 
 def build_providers(config: Config) -> dict[str, Provider]:
@@ -100,7 +101,6 @@ class Daemon:
         for job, created in stored:
             if created:
                 self.poller.add(job)
-        self.metrics.intake.labels(source, "accepted").inc(len(subs))
         return stored
 
     # -- running --------------------------------------------------------------------------------
@@ -124,8 +124,7 @@ class Daemon:
             metrics=self.metrics,
             on_finished=self.deliverer.wake,
         )
-        self.metrics.gauges.jobs = self._job_gauge
-        self.metrics.gauges.budget_used = self.poller.budget_used
+        self._wire_gauges()
         self.spool = Spool(
             settings.spool_dir,
             catalog=self.catalog,
@@ -155,7 +154,7 @@ class Daemon:
                     len(config.providers),
                     len(config.endpoints),
                 )
-                self.notifier.notify(f"READY=1\nSTATUS=serving, {recovered} job(s) in flight")
+                self.notifier.notify(f"READY=1\nSTATUS={self.status_line()}")
                 await self._wait_for_stop(shutdown_trigger)
                 await self._shutdown()
         finally:
@@ -262,12 +261,13 @@ class Daemon:
         return runners
 
     async def _watchdog(self) -> None:
-        """WATCHDOG=1 from the event loop itself, so a wedged loop stops the pings."""
-        interval = self.notifier.watchdog_interval
+        """WATCHDOG=1 from the event loop itself, so a wedged loop (a blocking call, a hung disk)
+        stops the pings and systemd restarts relayd; STATUS= says what it is doing."""
+        interval = self.notifier.watchdog_interval or STATUS_SECONDS
         while True:
-            await asyncio.sleep(interval or 5.0)
+            await asyncio.sleep(interval)
             if self.health_problem() is None:
-                self.notifier.notify("WATCHDOG=1")
+                self.notifier.notify(f"WATCHDOG=1\nSTATUS={self.status_line()}")
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -277,13 +277,55 @@ class Daemon:
                 return f"loop {name} has stopped"
         return None
 
-    def _job_gauge(self) -> dict[str, int]:
-        totals: dict[str, int] = dict.fromkeys(JobState, 0)
-        with contextlib.suppress(StoreError, Exception):
-            for counts in self.store.job_counts().values():
-                for state, n in counts.items():
-                    totals[state] = totals.get(state, 0) + n
-        return totals
+    def readiness_problems(self) -> list[str]:
+        """Why relayd should not be sent work now (empty: ready). Probes the database for real."""
+        problems = []
+        if not self.ready.is_set():
+            problems.append("starting")
+        if self.draining:
+            problems.append("draining: shutting down")
+        if health := self.health_problem():
+            problems.append(health)
+        try:
+            self.store.probe_write(self.clock.time())
+        except StoreError as exc:
+            problems.append(f"the database refuses writes: {exc}")
+        return problems
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: jobs and deliveries that are not finished yet."""
+        try:
+            jobs = _totals(self.store.job_counts())
+            deliveries = _totals(self.store.delivery_counts())
+        except StoreError as exc:
+            return f"serving; cannot read the database: {exc}"
+        line = (
+            f"serving: {jobs.get(JobState.POLLING, 0)} polling,"
+            f" {jobs.get(JobState.DELIVERING, 0)} delivering,"
+            f" {deliveries.get('pending', 0)} deliveries pending,"
+            f" {deliveries.get('dead', 0)} dead"
+        )
+        if self.spool.error:
+            line += f"; INTAKE REFUSING: {self.spool.error}"
+        return line
+
+    def _wire_gauges(self) -> None:
+        gauges = self.metrics.gauges
+        gauges.jobs = lambda: {**dict.fromkeys(JobState, 0), **_totals(self.store.job_counts())}
+        gauges.budget_used = self.poller.budget_used
+        gauges.budget_limit = lambda: {n: p.rate_limit for n, p in self.config.providers.items()}
+        gauges.oldest_waiting = lambda: {
+            name: max(0.0, self.clock.time() - since)
+            for name, since in self.store.oldest_polling().items()
+        }
+        gauges.deliveries_pending = lambda: self._deliveries_in("pending")
+        gauges.deliveries_dead = lambda: self._deliveries_in("dead")
+
+    def _deliveries_in(self, state: str) -> dict[str, int]:
+        """endpoint -> deliveries in `state`, 0 for every configured endpoint (alerts need it)."""
+        counts = self.store.delivery_counts()
+        names = set(self.config.endpoints) | set(counts)
+        return {name: counts.get(name, {}).get(state, 0) for name in names}
 
     def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None:
         return job_detail(self.store, provider, doc_id)
@@ -302,6 +344,15 @@ class Daemon:
         info["uptime"] = round(time.time() - self.started_at, 3)
         info["intake_error"] = self.spool.error
         return info
+
+
+def _totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
+    """{name: {state: n}} -> {state: sum over names}."""
+    out: dict[str, int] = {}
+    for counts in by_name.values():
+        for state, n in counts.items():
+            out[state] = out.get(state, 0) + n
+    return out
 
 
 def job_detail(store: Store, provider: str, doc_id: str) -> dict[str, Any] | None:
@@ -383,9 +434,10 @@ async def run(
 def _reload(daemon: Daemon) -> None:
     path = daemon.config.path
     assert path is not None
+    daemon.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        new = load_config(path)
+        daemon.reload(load_config(path))
     except ConfigError as exc:
         log.error("SIGHUP: new config refused, the running one stays:\n%s", exc)
-        return
-    daemon.reload(new)
+    finally:
+        daemon.notifier.notify(f"READY=1\nSTATUS={daemon.status_line()}")

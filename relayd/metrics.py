@@ -1,7 +1,11 @@
-"""Prometheus metrics (SPEC §7) in a registry of the daemon's own; gauges read at scrape time."""
+"""Prometheus metrics (SPEC §7) in a registry of the daemon's own; gauges read at scrape time.
+
+No label ever carries a job id: labels are providers, endpoints, states and codes, all few.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -10,25 +14,65 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+log = logging.getLogger("relayd.metrics")
+
+Reading = Callable[[], Mapping[str, float]]
+
 
 class _Gauges(Collector):
+    """Families read from the database and the budgets at scrape time, never cached."""
+
     def __init__(self) -> None:
-        self.jobs: Callable[[], Mapping[str, int]] = dict
-        self.budget_used: Callable[[], Mapping[str, int]] = dict
+        self.jobs: Reading = dict
+        self.budget_used: Reading = dict
+        self.budget_limit: Reading = dict
+        self.oldest_waiting: Reading = dict
+        self.deliveries_pending: Reading = dict
+        self.deliveries_dead: Reading = dict
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        jobs = GaugeMetricFamily("relayd_jobs", "Jobs by state.", labels=["state"])
-        for state, n in sorted(self.jobs().items()):
-            jobs.add_metric([state], n)
-        yield jobs
-        used = GaugeMetricFamily(
-            "relayd_budget_used",
-            "Requests sent to the provider in the current wall-clock window.",
-            labels=["provider"],
-        )
-        for provider, n in sorted(self.budget_used().items()):
-            used.add_metric([provider], n)
-        yield used
+        for name, help_text, label, read in (
+            ("relayd_jobs", "Jobs by state.", "state", self.jobs),
+            (
+                "relayd_budget_used",
+                "Requests sent to the provider in the current wall-clock window.",
+                "provider",
+                self.budget_used,
+            ),
+            (
+                "relayd_budget_limit",
+                "Requests the provider allows per window (rate_limit).",
+                "provider",
+                self.budget_limit,
+            ),
+            (
+                "relayd_oldest_waiting_job_age_seconds",
+                "Age of the oldest job still being polled (absent when none is).",
+                "provider",
+                self.oldest_waiting,
+            ),
+            (
+                "relayd_deliveries_pending",
+                "Deliveries waiting for a first or further attempt.",
+                "endpoint",
+                self.deliveries_pending,
+            ),
+            (
+                "relayd_deliveries_dead",
+                "Deliveries that ran out of attempts (see `relayd redeliver`).",
+                "endpoint",
+                self.deliveries_dead,
+            ),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=[label])
+            try:
+                values = read()
+            except Exception as exc:  # a broken database must not take the counters down
+                log.warning("metrics: cannot read %s: %s", name, exc)
+                values = {}
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            yield family
 
 
 class Metrics:
@@ -57,7 +101,7 @@ class Metrics:
             registry=r,
         )
         self.intake = Counter(
-            "relayd_intake", "Submissions by source and outcome.", ["source", "outcome"], registry=r
+            "relayd_intake", "Submissions (spool files, API requests) by source and outcome.", ["source", "outcome"], registry=r
         )
         self.gauges = _Gauges()
         r.register(self.gauges)

@@ -1,4 +1,4 @@
-"""systemd notify protocol in a few lines of stdlib: READY=1, STATUS=…, WATCHDOG=1."""
+"""systemd notify protocol in a few lines of stdlib: READY=1, STATUS=…, WATCHDOG=1, STOPPING=1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ class Notifier:
         env = dict(os.environ) if env is None else env
         self._address = env.get("NOTIFY_SOCKET", "")
         usec = env.get("WATCHDOG_USEC", "")
-        self.watchdog_interval = int(usec) / 2_000_000 if usec.isdigit() and int(usec) else None
+        pid = env.get("WATCHDOG_PID", "")
+        ours = not pid or pid == str(os.getpid())  # a watchdog set for our parent is not ours
+        # systemd advises pinging at half the timeout, so one late ping is not fatal
+        self.watchdog_interval = (
+            int(usec) / 2_000_000 if ours and usec.isdigit() and int(usec) else None
+        )
 
     @property
     def enabled(self) -> bool:

@@ -119,6 +119,10 @@ SCHEMA = [
     ALTER TABLE jobs ADD COLUMN media_seconds REAL;
     CREATE INDEX jobs_by_run ON jobs (finished_at) WHERE ran_for IS NOT NULL;
     """,
+    # version 4: /readyz proves the database takes writes by writing this one row
+    """
+    CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+    """,
 ]
 
 # Indexes outside the numbered versions: created when missing, on any schema version, so adding
@@ -458,6 +462,11 @@ class Store:
         ):
             out.setdefault(endpoint, {})[state] = n
         return out
+
+    def probe_write(self, now: float) -> None:
+        """A real (unsynced) write: raises StoreError when the disk is full or read-only."""
+        with self._write(synced=False) as db:
+            db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (now,))
 
     # -- budgets across restarts ------------------------------------------------------------------
 

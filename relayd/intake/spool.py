@@ -70,7 +70,13 @@ class Spool:
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.rejected.mkdir(exist_ok=True)
+        try:
+            self.rejected.mkdir()
+        except FileExistsError:
+            return
+        # Writers (the spool's group) may read why their files were refused, whatever relayd's
+        # umask (0077 under systemd, to keep the database private). Keeps an inherited setgid.
+        os.chmod(self.rejected, os.stat(self.rejected).st_mode & 0o7000 | 0o750)
 
     async def run(self) -> None:
         self.prepare()
@@ -159,7 +165,9 @@ class Spool:
         try:
             os.rename(path, target)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            Path(f"{target}.error").write_text(f"{stamp} {path.name}: {reason}\n")
+            note = Path(f"{target}.error")
+            note.write_text(f"{stamp} {path.name}: {reason}\n")
+            note.chmod(0o640)
         except OSError as exc:
             log.error("cannot move %s to rejected/: %s (reason: %s)", path.name, exc, reason)
             return 0
