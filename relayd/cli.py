@@ -151,10 +151,18 @@ async def _api(config: Any, method: str, path: str, body: Any = None) -> tuple[i
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """Aligned columns for a terminal; a column of numbers is right-aligned, header included."""
     cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [
+        bool(rows) and all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+        "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ).rstrip()
+        for r in cells
     )
 
 

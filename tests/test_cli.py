@@ -142,3 +142,16 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
     code, out, _ = await arelayd("jobs", "-c", str(path), "--json")
     by_id = {j["docId"]: j["state"] for j in json.loads(out)}
     assert by_id == {"cli-1": "delivering", "cli-slow": "cancelled"}
+
+
+def test_tables_align_text_left_and_numbers_right() -> None:
+    """Status and job tables line up at a terminal: text columns start together, number columns
+    end together (header included), missing values show as '-', no trailing spaces."""
+    from relayd.cli import table
+
+    out = table([["main", 7, "12.0s"], ["aitronos-eu", 1234, None]], ["PROVIDER", "POLLING", "AGE"])
+    assert out.splitlines() == [
+        "PROVIDER     POLLING  AGE",
+        "main               7  12.0s",
+        "aitronos-eu     1234  -",
+    ]
