@@ -101,7 +101,10 @@ class Metrics:
             registry=r,
         )
         self.intake = Counter(
-            "relayd_intake", "Submissions (spool files, API requests) by source and outcome.", ["source", "outcome"], registry=r
+            "relayd_intake",
+            "Submissions (spool files, API requests) by source and outcome.",
+            ["source", "outcome"],
+            registry=r,
         )
         self.gauges = _Gauges()
         r.register(self.gauges)
