@@ -276,6 +276,9 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # big sorts and temp tables stay in memory: on a read-only root filesystem (a
+            # container) there is no writable temp directory, and SQLite would fail with EIO
+            self._db.execute("PRAGMA temp_store=MEMORY")
             if not readonly:
                 self._migrate()
         except (sqlite3.Error, OSError) as exc:
