@@ -129,9 +129,9 @@ class Deliverer:
             outcome = await self._post(endpoint, d)
             self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
         except StoreError as exc:
-            log.error("cannot record delivery attempt: %s", exc, extra={"endpoint": endpoint.name})
+            log.error("cannot record delivery attempt: %s", exc, extra=_context(endpoint, d))
         except Exception:
-            log.exception("delivery attempt failed unexpectedly", extra={"endpoint": endpoint.name})
+            log.exception("delivery attempt failed unexpectedly", extra=_context(endpoint, d))
         finally:
             state.in_flight.discard(d.id)
             self.wake()
@@ -177,7 +177,7 @@ class Deliverer:
         duration: float,
     ) -> None:
         now = self.clock.time()
-        ctx = {"endpoint": endpoint.name, "webhook_id": d.webhook_id}
+        ctx = _context(endpoint, d)
         if outcome.error is None:
             if self.store.record_attempt(
                 d.id,
@@ -254,3 +254,13 @@ class Deliverer:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         return len(pending)
+
+
+def _context(endpoint: EndpointConfig, d: Delivery) -> dict[str, str]:
+    """The `extra=` of a log line about one delivery: which job, where to."""
+    return {
+        "provider": d.provider,
+        "job": d.doc_id,
+        "endpoint": endpoint.name,
+        "webhook_id": d.webhook_id,
+    }

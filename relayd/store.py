@@ -186,6 +186,8 @@ class Delivery:
     last_error: str | None
     created_at: float
     delivered_at: float | None
+    provider: str  # the job's, for log lines
+    doc_id: str
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -219,9 +221,10 @@ JOB_COLUMNS = (
     "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at"
 )
 DELIVERY_COLUMNS = (
-    "id, job_id, endpoint, event, webhook_id, payload, state, attempts, next_attempt_at, "
-    "last_error, created_at, delivered_at"
+    "d.id, d.job_id, d.endpoint, d.event, d.webhook_id, d.payload, d.state, d.attempts,"
+    " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id"
 )
+DELIVERY_FROM = "deliveries d JOIN jobs j ON j.id = d.job_id"
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -260,6 +263,8 @@ def _delivery(row: sqlite3.Row) -> Delivery:
         last_error=row[9],
         created_at=row[10],
         delivered_at=row[11],
+        provider=row[12],
+        doc_id=row[13],
     )
 
 
@@ -427,7 +432,8 @@ class Store:
 
     def deliveries_for(self, job_id: int) -> list[Delivery]:
         rows = self._db.execute(
-            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE job_id=? ORDER BY id", (job_id,)
+            f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE d.job_id=? ORDER BY d.id",
+            (job_id,),
         )
         return [_delivery(r) for r in rows]
 
@@ -659,8 +665,8 @@ class Store:
 
     def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[Delivery]:
         rows = self._db.execute(
-            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE endpoint=? AND state=?"
-            " AND next_attempt_at<=? ORDER BY next_attempt_at, id LIMIT ?",
+            f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE d.endpoint=? AND d.state=?"
+            " AND d.next_attempt_at<=? ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (endpoint, DeliveryState.PENDING, now, limit),
         )
         return [_delivery(r) for r in rows]
