@@ -48,7 +48,11 @@ def build_providers(config: Config) -> dict[str, Provider]:
         elif pc.kind == "aitronos":
             providers[name] = AitronosProvider(pc)
         else:
-            log.error("provider kind %r is not supported yet: its jobs wait", pc.kind)
+            log.error(
+                "provider kind %r is not supported yet: its jobs wait",
+                pc.kind,
+                extra={"provider": name},
+            )
     return providers
 
 

@@ -241,7 +241,11 @@ class Poller:
                 group.targets.setdefault(job_id, self.config.providers[provider].poll_interval)
                 count += 1
         for provider in sorted(orphans):
-            log.warning("jobs of provider %r wait: it is not in the config", provider)
+            log.warning(
+                "jobs of provider %r wait: it is not in the config",
+                provider,
+                extra={"provider": provider},
+            )
         self.wake()
         return count
 
@@ -366,13 +370,14 @@ class Poller:
 
     async def _poll(self, group: KeyGroup, job_id: int) -> None:
         due: float | None = None
+        ctx: dict[str, object] = {"job_id": job_id}  # _poll_once adds provider and job
         try:
-            due = await self._poll_once(group, job_id)
+            due = await self._poll_once(group, job_id, ctx)
         except StoreError as exc:
-            log.error("cannot record poll: %s", exc, extra={"job_id": job_id})
+            log.error("cannot record poll: %s", exc, extra=ctx)
             due = self.clock.time() + 1.0
         except Exception:
-            log.exception("poll failed unexpectedly", extra={"job_id": job_id})
+            log.exception("poll failed unexpectedly", extra=ctx)
             due = self.clock.time() + 1.0
         finally:
             group.in_flight.discard(job_id)
@@ -383,8 +388,11 @@ class Poller:
                 group.schedule.add(job_id, due, ready)
             self.wake(group)
 
-    async def _poll_once(self, group: KeyGroup, job_id: int) -> float | None:
-        """Poll one job (a slot is already taken); return when it is due again, or None."""
+    async def _poll_once(
+        self, group: KeyGroup, job_id: int, ctx: dict[str, object]
+    ) -> float | None:
+        """Poll one job (a slot is already taken); return when it is due again, or None.
+        `ctx` gets the job's log context once the job is read."""
         wall = self.clock.time()
         job = self.store.job_by_id(job_id)
         provider = self.providers.get(job.provider) if job else None
@@ -392,7 +400,8 @@ class Poller:
             group.budget.unused()
             return None  # cancelled, or finished elsewhere
         pc = self.config.providers[job.provider]
-        ctx = {"provider": job.provider, "job": job.doc_id}
+        ctx.pop("job_id", None)  # the provider and doc id name the job for an operator
+        ctx.update(provider=job.provider, job=job.doc_id)
         if wall - job.submitted_at >= pc.max_job_age:
             group.budget.unused()
             self.store.end_job(job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed")
@@ -404,7 +413,7 @@ class Poller:
         except RateLimited:
             return job.next_poll_at  # keeps its place in line
         except Unauthorized as exc:
-            self._pause(group, pc, str(exc))
+            self._pause(group, pc, str(exc), ctx)
             return job.next_poll_at
         except NotFound as exc:
             now = self.clock.time()
@@ -451,7 +460,7 @@ class Poller:
         return due
 
     def _failed_poll(
-        self, job: Job, pc: ProviderConfig, exc: ProviderError, ctx: dict[str, str]
+        self, job: Job, pc: ProviderConfig, exc: ProviderError, ctx: dict[str, object]
     ) -> float | None:
         now = self.clock.time()
         errors = job.errors + 1
@@ -531,14 +540,17 @@ class Poller:
         if deliveries:
             self._on_finished()
 
-    def _pause(self, group: KeyGroup, pc: ProviderConfig, reason: str) -> None:
+    def _pause(
+        self, group: KeyGroup, pc: ProviderConfig, reason: str, ctx: dict[str, object]
+    ) -> None:
+        """The provider refused the key while polling the job in `ctx`: pause the key."""
         probe_after = max(pc.rate_window, min(60.0, pc.poll_interval * 4))
         if not group.pause_reason:
             log.error(
                 "API KEY REFUSED (%s): jobs on this key are paused; probing every %.1fs",
                 reason,
                 probe_after,
-                extra={"provider": pc.name},
+                extra=ctx,
             )
         group.pause_reason = reason
         group.paused_until = self.clock.monotonic() + probe_after

@@ -23,6 +23,7 @@ from relayd.providers.base import (
     Retryable,
     auth_headers,
     classify,
+    log_context,
     snippet,
 )
 from relayd.store import Job
@@ -71,8 +72,9 @@ def check(answer: Answer, what: str) -> None:
         raise Retryable(f"HTTP {answer.status} for {what}: {envelope_error(answer)}")
 
 
-def _data(answer: Answer, what: str) -> dict[str, Any]:
-    """The `data` object of a success envelope (a bare object is accepted too, and logged)."""
+def _data(answer: Answer, what: str, ctx: dict[str, str]) -> dict[str, Any]:
+    """The `data` object of a success envelope (a bare object is accepted too, and logged
+    with `ctx`)."""
     doc = answer.json()
     if not isinstance(doc, dict):
         raise Retryable(f"answer for {what} is not a JSON object")
@@ -82,7 +84,7 @@ def _data(answer: Answer, what: str) -> dict[str, Any]:
     if isinstance(data, dict):
         return data
     if isinstance(doc.get("status"), str) or isinstance(doc.get("paragraphs"), list):
-        log.info("aitronos answer without an envelope", extra={"job": what})
+        log.info("aitronos answer without an envelope", extra=ctx)
         return doc
     raise Retryable(f"answer for {what} has no 'data' object")
 
@@ -107,7 +109,7 @@ class AitronosProvider:
         etag = answer.headers.get("ETag")
         if answer.status == 304:  # unchanged since the last full answer: nothing to parse
             return Progress(job.last_status or "unchanged", 304, job.etag, wait)
-        data = _data(answer, job.doc_id)
+        data = _data(answer, job.doc_id, log_context(self.name, job))
         status = data.get("status")
         if not isinstance(status, str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
@@ -120,7 +122,7 @@ class AitronosProvider:
                 paragraphs, pii = await self._paragraphs(job, http, url, pii)
             except NotReady:
                 # keep the old ETag: the next poll must see this answer in full again
-                log.info("completed, paragraphs not ready yet", extra={"job": job.doc_id})
+                log.info("completed, paragraphs not ready yet", extra=log_context(self.name, job))
                 return Progress(status, answer.status, None, wait, hints)
             body = self.completed_body(job, data, paragraphs, pii)
             event = Event("transcription.completed", body)
@@ -143,11 +145,11 @@ class AitronosProvider:
                     log.warning(
                         "paragraphs answered 409: %s",
                         envelope_error(answer),
-                        extra={"job": job.doc_id},
+                        extra=log_context(self.name, job),
                     )
                 raise NotReady
             check(answer, f"paragraphs of {job.doc_id}")
-            data = _data(answer, job.doc_id)
+            data = _data(answer, job.doc_id, log_context(self.name, job))
             page = data.get("paragraphs")
             count = data.get("total_count")
             if not isinstance(page, list) or not isinstance(count, int) or count < 0:

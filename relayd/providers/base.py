@@ -126,6 +126,11 @@ def auth_headers(auth_header: str, api_key: str) -> dict[str, str]:
     return {name.strip(): f"{prefix} {api_key}" if prefix else api_key}
 
 
+def log_context(provider: str, job: Job) -> dict[str, str]:
+    """The `extra=` of a log line about one job."""
+    return {"provider": provider, "job": job.doc_id}
+
+
 def snippet(body: bytes, limit: int = 200) -> str:
     text = body[:limit].decode("utf-8", "replace").replace("\n", " ")
     return text + ("..." if len(body) > limit else "")

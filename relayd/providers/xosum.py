@@ -15,6 +15,7 @@ from relayd.providers.base import (
     Retryable,
     auth_headers,
     classify,
+    log_context,
 )
 from relayd.store import Job
 
@@ -40,7 +41,7 @@ class XosumProvider:
         classify(answer, f"docId {job.doc_id}")
         doc = answer.json()
         if isinstance(doc, dict) and "status" not in doc and isinstance(doc.get("data"), dict):
-            log.info("xosum answer wrapped in 'data'", extra={"job": job.doc_id})
+            log.info("xosum answer wrapped in 'data'", extra=log_context(self.name, job))
             doc = doc["data"]
         if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
