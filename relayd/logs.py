@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 CONTEXT = ("provider", "job", "job_id", "endpoint", "webhook_id")
 
 
@@ -36,11 +38,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class HideRequestLine(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending header line quoted: that line
+    may be the client's `Authorization: Bearer <api_token>`. Keep the event, drop the quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: malformed HTTP request, answered {exc.code}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
+    """relayd's lines at `level`; other libraries' (aiohttp, asyncio) warnings and errors through
+    the same handler, so they too come out in `fmt` and pass the same filter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger("relayd")
+    handler.addFilter(HideRequestLine())
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    relayd = logging.getLogger("relayd")
+    relayd.handlers.clear()
+    relayd.setLevel(level.upper())
+    relayd.propagate = True
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
