@@ -106,7 +106,8 @@ class Upstream:
                     if size > MAX_ANSWER_BYTES:
                         raise Retryable(f"answer larger than {MAX_ANSWER_BYTES} bytes")
                     chunks.append(chunk)
-                answer = Answer(resp.status, CIMultiDict(resp.headers), b"".join(chunks))
+                body = _blank(b"".join(chunks), self._provider.api_key.value)
+                answer = Answer(resp.status, CIMultiDict(resp.headers), body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:
@@ -121,6 +122,13 @@ class Upstream:
             poller.block(group, self._provider, retry_after)
             raise RateLimited("HTTP 429", retry_after)
         return answer
+
+
+def _blank(body: bytes, key: str) -> bytes:
+    """The answer without the API key. Some APIs quote the key they refuse, and error bodies
+    reach the log, the poll history and status; the key never belongs in a delivery either."""
+    raw = key.encode()
+    return body.replace(raw, b"********") if raw and raw in body else body
 
 
 class Poller:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -22,9 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 import tomli_w
+from aiohttp import web
 
+from relayd.config import parse_config
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
+from tests.conftest import api, config_dict, running
+from tests.conftest import eventually as conftest_eventually
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 15.0  # seconds for the whole scenario to settle; it takes about 2
@@ -477,3 +482,60 @@ def check_json_context(lines: list[str]) -> None:
     assert about_jobs >= 1, "no message named a job: that check checked nothing"
     with_job = {r["job"] for r in records if "job" in r}
     assert set(JOB_PROVIDER) <= with_job, with_job
+
+
+async def test_a_provider_quoting_the_key_back_does_not_leak_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Error answers that quote the API key (a 500 body, a 401 envelope's message) reach the
+    log, the poll history and status with the key blanked out."""
+    c = Canaries.new()
+
+    async def xosum(request: web.Request) -> web.Response:
+        said = request.headers["Authorization"]
+        return web.json_response({"error": f"upstream refused {said}"}, status=500)
+
+    async def aitronos(request: web.Request) -> web.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        error = {"code": "UNAUTHORIZED", "message": f"invalid API key {key}", "trace_id": "t-1"}
+        return web.json_response({"success": False, "error": error}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/api/getTranscription", xosum)
+    app.router.add_get("/v1/audio/transcribe/{id}", aitronos)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    data = config_dict(tmp_path, port, {"app": free_port()}, api_key="env:XO_KEY")
+    data["providers"]["ait"] = {**data["providers"]["main"], "kind": "aitronos",
+                                "api_key": "env:AIT_KEY"}  # fmt: skip
+    env = {"XO_KEY": c.xosum_key, "AIT_KEY": c.aitronos_key, "XOSUM_SECRET": c.webhook_secret}
+    config = parse_config(data, base_dir=tmp_path, env=env)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="relayd"):
+            async with running(config) as daemon:
+                await api(daemon, "POST", "/v1/jobs", [
+                    {"docId": "echo-500", "provider": "main"},
+                    {"docId": "trans_echo", "provider": "ait"},
+                ])  # fmt: skip
+
+                def polled() -> bool:
+                    job = daemon.store.get_job("main", "echo-500")
+                    return (
+                        job is not None
+                        and job.errors >= 2
+                        and bool(daemon.poller.status()["ait"]["paused"])
+                    )
+
+                await conftest_eventually(polled, what="errors recorded and the key paused")
+                views = {
+                    "status": json.dumps(daemon.status()),
+                    "main/echo-500": json.dumps(daemon.job_detail("main", "echo-500")),
+                    "ait/trans_echo": json.dumps(daemon.job_detail("ait", "trans_echo")),
+                }
+    finally:
+        await runner.cleanup()
+    assert "upstream refused Bearer ********" in caplog.text  # the rest of the answer stays
+    assert "invalid API key ********" in views["status"]
+    assert_no_canary(c, {"log": caplog.text, **views})
