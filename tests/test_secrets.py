@@ -39,12 +39,13 @@ XO_READY = ("xo-ready-1", "xo-ready-2")  # spool file, delivered
 XO_FAILED = "fail-xo-1"  # provider says failed: transcript_failed delivered
 XO_MISSING = "missing-xo-1"  # 404 until it is `unknown`
 XO_DEAD = "xo-dead-1"  # its only endpoint answers 500: dead letter
+XO_GARBLED = "xo-garbled-1"  # its endpoint's URL has a password; it answers unparsable HTTP
 AIT_OK = "trans_ok_1"
 AIT_FAILED = "fail_trans_1"
 WRONG_KEY_JOB = "xo-wrongkey-1"  # on a provider whose key the mock refuses (401)
 DOWN_JOB = "xo-down-1"  # on a provider nobody listens for: connection errors, backoff
 JOB_PROVIDER = {
-    **dict.fromkeys((*XO_READY, XO_FAILED, XO_MISSING, XO_DEAD), "xo"),
+    **dict.fromkeys((*XO_READY, XO_FAILED, XO_MISSING, XO_DEAD, XO_GARBLED), "xo"),
     AIT_OK: "ait",
     AIT_FAILED: "ait",
     WRONG_KEY_JOB: "wrong",
@@ -62,6 +63,7 @@ class Canaries:
     webhook_secret: str
     signing_key: bytes  # the bytes behind the whsec_ secret
     api_token: str
+    url_password: str
 
     @classmethod
     def new(cls) -> Canaries:
@@ -74,6 +76,7 @@ class Canaries:
             webhook_secret=f"CANARY-xosum-webhook-secret-{tag}",
             signing_key=f"CANARY-signing-key-{tag}".encode(),
             api_token=f"CANARY-api-token-{tag}",
+            url_password=f"CANARY-url-password-{tag}",
         )
 
     @property
@@ -93,6 +96,7 @@ class Canaries:
             "down api_key": self.down_key,
             "webhook_secret": self.webhook_secret,
             "api_token": self.api_token,
+            "endpoint URL password": self.url_password,
         }
         out = dict(plain)
         for name, value in plain.items():
@@ -121,7 +125,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config_data(provider: int, good: int, bad: int, http: int, log_format: str) -> dict[str, Any]:
+def config_data(
+    c: Canaries, provider: int, good: int, bad: int, garbled: int, http: int, log_format: str
+) -> dict[str, Any]:
     base = f"http://127.0.0.1:{provider}"
     timing = {"rate_limit": 20, "rate_window": "250ms", "poll_interval": "100ms"}
     return {
@@ -176,6 +182,12 @@ def config_data(provider: int, good: int, bad: int, http: int, log_format: str) 
                     "transcription.completed",
                     "transcription.failed",
                 ],
+                "retry_initial": "50ms",
+                "retry_max": "100ms",
+            },
+            "garbled": {  # aiohttp's error for its answer quotes the URL
+                "url": f"http://relayd:{c.url_password}@127.0.0.1:{garbled}/hook",
+                "max_attempts": 2,
                 "retry_initial": "50ms",
                 "retry_max": "100ms",
             },
@@ -258,6 +270,15 @@ async def eventually(what: str, check: Callable[[], Any]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP answer aiohttp cannot parse: its error names the URL it was posting to."""
+    with contextlib.suppress(ConnectionError):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+        await writer.drain()
+    writer.close()
+
+
 async def raw_request(port: int, header: str) -> str:
     """A request aiohttp cannot parse, the token in the offending header line."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -326,7 +347,10 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
     good, grunner, gport = await mock_receiver.serve()
     failing, frunner, fport = await mock_receiver.serve(default_status=500)
     http = free_port()
-    data = config_data(pport, gport, fport, http, log_format)
+    garbled = await asyncio.start_server(answer_garbage, "127.0.0.1", 0)
+    data = config_data(
+        c, pport, gport, fport, garbled.sockets[0].getsockname()[1], http, log_format
+    )
     config = tmp_path / "relayd.toml"
     config.write_text(tomli_w.dumps(data))
     bad_config = tmp_path / "bad.toml"
@@ -360,6 +384,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
             spool_file.rename(tmp_path / "spool" / "batch.txt")
             status, body = await call("POST", "/v1/jobs", json=[
                 {"docId": XO_DEAD, "provider": "xo", "endpoints": ["failing"]},
+                {"docId": XO_GARBLED, "provider": "xo", "endpoints": ["garbled"]},
                 {"docId": AIT_OK, "provider": "ait"},
                 {"docId": AIT_FAILED, "provider": "ait"},
                 {"docId": WRONG_KEY_JOB, "provider": "wrong"},
@@ -398,7 +423,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
                 state = {j["docId"]: j["state"] for j in body["jobs"]}
                 return (
                     all(state.get(d) == "delivered" for d in DELIVERED_OK)
-                    and state.get(XO_DEAD) == "dead"
+                    and state.get(XO_DEAD) == state.get(XO_GARBLED) == "dead"
                     and state.get(XO_MISSING) == "unknown"
                 )
 
@@ -418,6 +443,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
         after_stop = await cli_battery(env, config)
         bad_check = await cli(env, "check-config", "-c", str(bad_config))
     finally:
+        garbled.close()
         await frunner.cleanup()
         await grunner.cleanup()
         await prunner.cleanup()
@@ -434,7 +460,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
     for needle in ("relayd.poller", "relayd.delivery", "relayd.intake.spool", "relayd.daemon",
                    "API KEY REFUSED", "delivery dead", "poll failed", "job unknown",
                    "secret written literally", "new config refused", "config reloaded",
-                   "malformed HTTP request",
+                   "malformed HTTP request", "ClientResponseError",
                    "relayd stopped"):  # fmt: skip
         assert needle in text, f"no log line with {needle!r}:\n{text}"
     for name, (code, out) in {**while_running, **after_stop}.items():
