@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,7 @@ from aiohttp import web
 from relayd.config import parse_config
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
-from tests.conftest import api, config_dict, running
-from tests.conftest import eventually as conftest_eventually
+from tests.conftest import api, config_dict, eventually, running
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 15.0  # seconds for the whole scenario to settle; it takes about 2
@@ -261,7 +260,7 @@ async def daemon_process(config: Path, env: dict[str, str]) -> AsyncIterator[Dae
         await asyncio.gather(*d.readers, return_exceptions=True)
 
 
-async def eventually(what: str, check: Callable[[], Any]) -> None:
+async def until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DEADLINE
     while not await check():
@@ -297,7 +296,12 @@ async def cli(env: dict[str, str], *args: str) -> tuple[str, int, str]:
         sys.executable, "-m", "relayd", *args,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return " ".join(args), proc.returncode, out.decode() + err.decode()
 
@@ -369,15 +373,15 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
                 async with http_session.request(method, path, headers=headers, **kw) as resp:
                     text = await resp.text()
                     answers[f"{method} {path} token={token} -> {resp.status}"] = text
-                    return resp.status, (json.loads(text) if resp.content_type.endswith(
-                        "json") else text)  # fmt: skip
+                    is_json = resp.content_type == "application/json"
+                    return resp.status, json.loads(text) if is_json else text
 
             async def healthy() -> bool:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     return (await call("GET", "/healthz", token=False))[0] == 200
                 return False
 
-            await eventually("the daemon to answer /healthz", healthy)
+            await until("the daemon to answer /healthz", healthy)
 
             spool_file = tmp_path / "spool" / ".batch.tmp"
             spool_file.write_text("\n".join([*XO_READY, XO_FAILED, XO_MISSING]) + "\n")
@@ -427,7 +431,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
                     and state.get(XO_MISSING) == "unknown"
                 )
 
-            await eventually("every job to settle", settled)
+            await until("every job to settle", settled)
             _, status_body = await call("GET", "/v1/status")
             assert status_body["providers"]["wrong"]["budget"]["paused"], status_body
             for doc_id, name in JOB_PROVIDER.items():
@@ -465,7 +469,7 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
         assert needle in text, f"no log line with {needle!r}:\n{text}"
     for name, (code, out) in {**while_running, **after_stop}.items():
         assert code == 0, f"relayd {name} exited {code}:\n{out}"
-    assert "running" in json.loads(while_running[f"status --json -c {config}"][1])
+    assert json.loads(while_running[f"status --json -c {config}"][1])["running"] is True
     assert "NOT RUNNING" in after_stop[f"status -c {config}"][1]
     assert bad_check[1] == 78
     for problem in ("webhook_secret", "signing_secret", "api_token", "api_kye"):
@@ -554,7 +558,7 @@ async def test_a_provider_quoting_the_key_back_does_not_leak_it(
                         and bool(daemon.poller.status()["ait"]["paused"])
                     )
 
-                await conftest_eventually(polled, what="errors recorded and the key paused")
+                await eventually(polled, what="errors recorded and the key paused")
                 views = {
                     "status": json.dumps(daemon.status()),
                     "main/echo-500": json.dumps(daemon.job_detail("main", "echo-500")),
