@@ -19,6 +19,7 @@ from relayd.daemon import Daemon
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.store import JobState
+from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 
 API_KEY = "test-key-0001"
 WEBHOOK_SECRET = "xosum-webhook-secret-42"
