@@ -332,7 +332,10 @@ class SharedBudget:
         )
 
     async def snapshot(self) -> dict[str, Any]:
-        """The shared state for status output; changes nothing."""
+        """The shared state for status output; changes nothing. `used`: slots held on the key
+        now (`mine`: by this instance); `blocked_for`: seconds left of a block (`block_reason`);
+        `instances`: those that asked in the last window; `hungry`: those waiting for a slot;
+        `epoch`: False until the first acquire after Redis started empty."""
         raw = await self._run(self._snapshot, self.instance, self.window)
         return {
             "used": int(raw[0]),
