@@ -13,8 +13,8 @@ and so does a key unused for the epoch's 7-day lifetime.
 
 The client should be created with short `socket_connect_timeout` and `socket_timeout` (say 1 s):
 every method raises `SharedBudgetUnavailable` when Redis is unreachable or answers an error, and
-the caller falls back to its local budget. Import this module only when `shared_budget` is set:
-redis-py is an optional extra.
+the caller (relayd/gate.py) then sends nothing on the key until Redis answers again. Import this
+module only when `shared_budget` is set: redis-py is an optional extra.
 """
 
 from __future__ import annotations
@@ -189,29 +189,6 @@ expire(now, tonumber(ARGV[3]))
 return 1
 """
 
-# ARGV: instance, limit, window, lease, ttl, frees... (seconds from now). Replaces this
-# instance's earlier seed, so seeding twice counts once. Never creates the epoch.
-_SEED = """
-local instance, limit = ARGV[1], tonumber(ARGV[2])
-local longest, ttl = tonumber(ARGV[3]) + tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = clock()
-local prefix = instance .. '|seed'
-for _, m in ipairs(redis.call('ZRANGE', K_slots, 0, -1)) do
-  if string.sub(m, 1, #prefix) == prefix then redis.call('ZREM', K_slots, m) end
-end
-local frees = {}
-for i = 6, #ARGV do
-  local d = tonumber(ARGV[i])
-  if d and d > 0 then table.insert(frees, math.min(d, longest)) end
-end
-table.sort(frees, function(a, b) return a > b end)
-for i = 1, math.min(#frees, limit) do
-  redis.call('ZADD', K_slots, f(now + frees[i]), prefix .. i)
-end
-expire(now, ttl)
-return 1
-"""
-
 # ARGV: instance, window. Reads only.
 _SNAPSHOT = """
 local instance, window = ARGV[1], tonumber(ARGV[2])
@@ -286,7 +263,6 @@ class SharedBudget:
         self._release = client.register_script(_PRELUDE + _RELEASE)
         self._unused = client.register_script(_PRELUDE + _UNUSED)
         self._block = client.register_script(_PRELUDE + _BLOCK)
-        self._seed = client.register_script(_PRELUDE + _SEED)
         self._snapshot = client.register_script(_PRELUDE + _SNAPSHOT)
 
     async def _run(self, script: Any, *args: Any) -> Any:
@@ -322,14 +298,6 @@ class SharedBudget:
     async def block(self, seconds: float, reason: str) -> None:
         """A 429: nobody on this key sends for `seconds` (a longer block already set stays)."""
         await self._run(self._block, max(0.0, seconds), reason, self._ttl_ms)
-
-    async def seed(self, frees: list[float]) -> None:
-        """Slots this instance holds locally (seconds from now until each frees), put back after
-        Redis lost its data. Replaces this instance's earlier seed; frees beyond window + lease
-        are cut to it, and at most `limit` are kept."""
-        await self._run(
-            self._seed, self.instance, self.limit, self.window, self.lease, self._ttl_ms, *frees
-        )
 
     async def snapshot(self) -> dict[str, Any]:
         """The shared state for status output; changes nothing. `used`: slots held on the key
