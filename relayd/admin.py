@@ -162,6 +162,10 @@ class Api:
         if problems:
             body = {"status": "not ready", "error": "; ".join(problems), "problems": problems}
             return web.json_response(body, status=503)
+        # A shared budget out of reach stops polling on its keys, but intake and delivery go on
+        # and taking this instance out of service would not help (a sidecar's pod with it).
+        if degraded := self.daemon.degraded():
+            return web.json_response({"status": "degraded", "degraded": degraded})
         return web.json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import binascii
 import difflib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -224,11 +225,15 @@ def _url(value: object) -> str:
 def _budget_url(value: object) -> str:
     text = _str(value)
     parts = urlsplit(text)
-    if not text or (parts.scheme in ("redis", "rediss") and parts.hostname):
+    if not text:
         return text
-    if parts.scheme == "unix" and parts.path:
-        return text
-    raise ValueError('expected "", redis://host:port/db, rediss://… or unix:///path')
+    if not (parts.scheme in ("redis", "rediss") and parts.hostname) and not (
+        parts.scheme == "unix" and parts.path
+    ):
+        raise ValueError('expected "", redis://host:port/db, rediss://… or unix:///path')
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError("needs redis-py, the optional extra: pip install 'relayd[redis]'")
+    return text
 
 
 def _listen(value: object) -> HttpListen | None:

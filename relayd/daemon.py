@@ -119,7 +119,13 @@ class Daemon:
         self.deliverer = Deliverer(
             config=config, store=self.store, session=session, clock=self.clock, metrics=self.metrics
         )
+        shared = None
+        if settings.shared_budget:
+            from relayd.gate import SharedBudgets  # needs the optional redis extra
+
+            shared = SharedBudgets(settings.shared_budget)
         self.poller = Poller(
+            shared=shared,
             config=config,
             store=self.store,
             providers=build_providers(config),
@@ -281,6 +287,10 @@ class Daemon:
                 return f"loop {name} has stopped"
         return None
 
+    def degraded(self) -> list[str]:
+        """What works in a reduced way but needs no restart nor less traffic (Redis away)."""
+        return self.poller.shared_problems()
+
     def readiness_problems(self) -> list[str]:
         """Why relayd should not be sent work now (empty: ready). Probes the database for real."""
         problems = []
@@ -324,6 +334,11 @@ class Daemon:
         }
         gauges.deliveries_pending = lambda: self._deliveries_in("pending")
         gauges.deliveries_dead = lambda: self._deliveries_in("dead")
+        gauges.shared_reachable = lambda: {
+            name: int(group.gate.unreachable_since is None)
+            for name, group in self.poller.group_of.items()
+            if group.gate is not None
+        }
 
     def _deliveries_in(self, state: str) -> dict[str, int]:
         """endpoint -> deliveries in `state`, 0 for every configured endpoint (alerts need it)."""

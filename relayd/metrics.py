@@ -29,6 +29,7 @@ class _Gauges(Collector):
         self.oldest_waiting: Reading = dict
         self.deliveries_pending: Reading = dict
         self.deliveries_dead: Reading = dict
+        self.shared_reachable: Reading = dict
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, help_text, label, read in (
@@ -62,6 +63,12 @@ class _Gauges(Collector):
                 "Deliveries that ran out of attempts (see `relayd redeliver`).",
                 "endpoint",
                 self.deliveries_dead,
+            ),
+            (
+                "relayd_shared_budget_reachable",
+                "1 while the shared budget (Redis) answers; 0: nothing is sent on the key.",
+                "provider",
+                self.shared_reachable,
             ),
         ):
             family = GaugeMetricFamily(name, help_text, labels=[label])

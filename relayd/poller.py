@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -35,6 +35,9 @@ from relayd.providers.base import (
 from relayd.retry import parse_retry_after, poll_backoff
 from relayd.scheduler import Schedule
 from relayd.store import Job, JobState, NewDelivery, Store, StoreError
+
+if TYPE_CHECKING:  # redis-py is an optional extra: the gate is imported only when it is used
+    from relayd.gate import SharedBudgets, SharedGate
 
 log = logging.getLogger("relayd.poller")
 
@@ -64,20 +67,26 @@ class KeyGroup:
     # job -> the soonest it may be polled again, as a delay (poll_interval, max-age, backoff)
     targets: dict[int, float] = field(default_factory=dict)
     ready_at: dict[int, float] = field(default_factory=dict)  # polls in flight: when ready again
+    gate: SharedGate | None = None  # with shared_budget: every request also needs Redis's grant
 
     def can_dispatch(self, now: float) -> bool:
         if self.pause_reason and (now < self.paused_until or self.in_flight):
             return False  # while the key is refused, one probe at a time
+        if self.gate is not None and self.gate.grant is None:
+            return False
         return self.budget.available(now) > self.waiters
 
 
 class Upstream:
     """The `Http` a provider uses for one poll: every request spends the key's budget."""
 
-    def __init__(self, poller: Poller, group: KeyGroup, provider: ProviderConfig) -> None:
+    def __init__(
+        self, poller: Poller, group: KeyGroup, provider: ProviderConfig, slot: str | None
+    ) -> None:
         self._poller = poller
         self._group = group
         self._provider = provider
+        self.slot = slot  # the shared budget's grant for the prepaid request
         self.prepaid_used = False
 
     async def get(
@@ -91,8 +100,9 @@ class Upstream:
         poller, group, clock = self._poller, self._group, self._poller.clock
         if prepaid and not self.prepaid_used:
             self.prepaid_used = True
+            slot = self.slot
         else:
-            await poller.acquire(group)
+            slot = await poller.acquire(group)
         code = "error"
         try:
             timeout = aiohttp.ClientTimeout(total=self._provider.timeout)
@@ -112,6 +122,8 @@ class Upstream:
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:
             group.budget.release(clock.monotonic())
+            if group.gate is not None:
+                group.gate.release(slot)
             poller.metrics.upstream_requests.labels(self._provider.name, code).inc()
             poller.wake(group)
         if answer.status == 429:
@@ -142,8 +154,10 @@ class Poller:
         clock: Clock,
         metrics: Metrics,
         on_finished: Callable[[], None],
+        shared: SharedBudgets | None = None,
     ) -> None:
         self.config = config
+        self.shared = shared
         self.store = store
         self.providers = providers
         self.session = session
@@ -179,6 +193,30 @@ class Poller:
                 self._resize(group, pc.rate_limit, pc.rate_window, now)
             group.providers.append(name)
             self.group_of[name] = group
+        if self.shared is not None:
+            for group in self.groups.values():
+                self._share(group, self.shared)
+        for key, group in old.items():
+            if key not in self.groups and group.gate is not None:
+                task = asyncio.ensure_future(group.gate.close())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _share(self, group: KeyGroup, shared: SharedBudgets) -> None:
+        """The key's gate to the shared budget, for its (possibly reloaded) limit."""
+        pcs = [self.config.providers[name] for name in group.providers]
+        budget = shared.budget(
+            pcs[0].api_key.value,
+            limit=group.budget.limit,
+            window=group.budget.window,
+            lease=max(pc.timeout for pc in pcs),  # a request may be in flight this long
+        )
+        if group.gate is None:
+            group.gate = shared.gate(
+                budget, providers=lambda: group.providers, on_grant=lambda: self.wake(group)
+            )
+        else:
+            group.gate.budget = budget
 
     @staticmethod
     def _resize(group: KeyGroup, limit: int, window: float, now: float) -> None:
@@ -292,20 +330,23 @@ class Poller:
             retry_after = next_window_start(wall, provider.rate_window) - wall
             retry_after += min(3.0, provider.rate_window * 0.1)
         group.budget.block_until(now + retry_after, "429 from provider")
+        if group.gate is not None:
+            group.gate.block(retry_after, "429 from provider")
         log.warning(
             "rate limited: key paused for %.3fs",
             retry_after,
             extra={"provider": provider.name},
         )
 
-    async def acquire(self, group: KeyGroup) -> None:
-        """Wait for a budget slot outside the schedule (paragraph pages of a finished job)."""
+    async def acquire(self, group: KeyGroup) -> str | None:
+        """Wait for a budget slot outside the schedule (paragraph pages of a finished job); with
+        a shared budget, also for Redis's grant, whose slot id is returned."""
         group.waiters += 1
         try:
             while True:
                 now = self.clock.monotonic()
                 if group.budget.try_acquire(now, wall=self.clock.time()):
-                    return
+                    return None if group.gate is None else await group.gate.acquire()
                 nxt = group.budget.next_free_at(now)
                 freed = asyncio.get_running_loop().create_future()
                 self._slot_waiters.add(freed)
@@ -334,6 +375,10 @@ class Poller:
                         continue
                     self._dispatch(group, now, wall)
                     delay = self._next_wake(group, now, wall)
+                    if group.gate is not None:
+                        # work that could go now waits only for Redis's grant, which wakes us
+                        group.gate.want(delay == 0.0)
+                        delay = None if delay == 0.0 else delay
                     group.idle_until = math.inf if delay is None else now + delay
                     if delay is not None:
                         timeout = min(timeout, delay)
@@ -349,7 +394,8 @@ class Poller:
                 return
             group.budget.try_acquire(now, wall=wall)
             group.in_flight.add(job_id)
-            task = asyncio.create_task(self._poll(group, job_id), name=f"poll-{job_id}")
+            slot = group.gate.take() if group.gate is not None else None
+            task = asyncio.create_task(self._poll(group, job_id, slot), name=f"poll-{job_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -376,11 +422,11 @@ class Poller:
 
     # -- one poll -------------------------------------------------------------------------------
 
-    async def _poll(self, group: KeyGroup, job_id: int) -> None:
+    async def _poll(self, group: KeyGroup, job_id: int, slot: str | None) -> None:
         due: float | None = None
         ctx: dict[str, object] = {"job_id": job_id}  # _poll_once adds provider and job
         try:
-            due = await self._poll_once(group, job_id, ctx)
+            due = await self._poll_once(group, job_id, slot, ctx)
         except StoreError as exc:
             log.error("cannot record poll: %s", exc, extra=ctx)
             due = self.clock.time() + 1.0
@@ -397,25 +443,25 @@ class Poller:
             self.wake(group)
 
     async def _poll_once(
-        self, group: KeyGroup, job_id: int, ctx: dict[str, object]
+        self, group: KeyGroup, job_id: int, slot: str | None, ctx: dict[str, object]
     ) -> float | None:
-        """Poll one job (a slot is already taken); return when it is due again, or None.
-        `ctx` gets the job's log context once the job is read."""
+        """Poll one job (a slot, and `slot` of a shared budget, are already taken); return when
+        it is due again, or None. `ctx` gets the job's log context once the job is read."""
         wall = self.clock.time()
         job = self.store.job_by_id(job_id)
         provider = self.providers.get(job.provider) if job else None
         if job is None or job.state != JobState.POLLING or provider is None:
-            group.budget.unused()
+            self._unused(group, slot)
             return None  # cancelled, or finished elsewhere
         pc = self.config.providers[job.provider]
         ctx.pop("job_id", None)  # the provider and doc id name the job for an operator
         ctx.update(provider=job.provider, job=job.doc_id)
         if wall - job.submitted_at >= pc.max_job_age:
-            group.budget.unused()
+            self._unused(group, slot)
             self.store.end_job(job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed")
             log.warning("job expired", extra=ctx)
             return None
-        upstream = Upstream(self, group, pc)
+        upstream = Upstream(self, group, pc, slot)
         try:
             outcome = await provider.poll(job, upstream)
         except RateLimited:
@@ -436,7 +482,7 @@ class Poller:
             return self._failed_poll(job, pc, exc, ctx)
         finally:
             if not upstream.prepaid_used:
-                group.budget.unused()  # the provider never sent: give the slot back
+                self._unused(group, slot)  # the provider never sent: give the slot back
         self._resume(group, pc)
         now = self.clock.time()
         if isinstance(outcome, Finished):
@@ -548,6 +594,12 @@ class Poller:
         if deliveries:
             self._on_finished()
 
+    @staticmethod
+    def _unused(group: KeyGroup, slot: str | None) -> None:
+        group.budget.unused()
+        if group.gate is not None:
+            group.gate.unused(slot)
+
     def _pause(
         self, group: KeyGroup, pc: ProviderConfig, reason: str, ctx: dict[str, object]
     ) -> None:
@@ -598,9 +650,24 @@ class Poller:
                 "poll_interval_effective": round(period, 3),
                 "backlog_clear_seconds": round(backlog / capacity + closed_for, 3),
                 "blocked_for": blocked_for,
-                "paused": group.pause_reason or None,
+                "paused": group.pause_reason or self._unshared(group) or None,
+                "shared": group.gate.status() if group.gate is not None else None,
             }
         return out
+
+    @staticmethod
+    def _unshared(group: KeyGroup) -> str:
+        if group.gate is None or group.gate.unreachable_since is None:
+            return ""
+        return f"shared budget unreachable ({group.gate.where}): sending nothing until it returns"
+
+    def shared_problems(self) -> list[str]:
+        """One line per key that cannot reach its shared budget (for /readyz and the log)."""
+        return [
+            f"{problem} [{','.join(g.providers)}]"
+            for g in self.groups.values()
+            if (problem := self._unshared(g))
+        ]
 
     def budget_used(self) -> dict[str, int]:
         wall = self.clock.time()
@@ -614,3 +681,8 @@ class Poller:
         """Let polls in flight finish (their answers are recorded) — the caller bounds the wait."""
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for group in self.groups.values():
+            if group.gate is not None:
+                await group.gate.close()  # after the polls: their releases reach Redis
+        if self.shared is not None:
+            await self.shared.close()
