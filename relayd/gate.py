@@ -3,6 +3,7 @@ hands it to the poller's synchronous dispatch, and knows whether Redis can be re
 
 While Redis cannot be reached nothing is sent on the key: no instance can know what the others
 spend, so the only way never to overrun is to wait. Jobs stay stored and resume on their own.
+Imported only when `shared_budget` is set: redis-py is an optional extra.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
+
+import redis.asyncio
 
 from relayd.budget_redis import Denied, SharedBudget, SharedBudgetUnavailable
 
@@ -94,7 +97,11 @@ class SharedGate:
             if not self.wanted or self.grant is not None:
                 self._want.clear()
                 continue
-            answer = await self._ask()
+            try:
+                answer = await self._ask()
+            except Exception:  # a bug here must not leave the key without grants for good
+                log.exception("shared budget: asking for a grant failed", extra=self._ctx())
+                answer = self.retry
             if isinstance(answer, str):
                 if self.wanted and self.grant is None:
                     self.grant = answer
@@ -128,7 +135,7 @@ class SharedGate:
                 self.where,
                 error,
                 self.retry,
-                extra={"provider": ",".join(self._providers())},
+                extra=self._ctx(),
             )
 
     def _up(self) -> None:
@@ -137,10 +144,13 @@ class SharedGate:
                 "shared budget reachable again (%s) after %.1fs: polling resumes",
                 self.where,
                 time.time() - self.unreachable_since,
-                extra={"provider": ",".join(self._providers())},
+                extra=self._ctx(),
             )
             self.unreachable_since = None
             self.error = ""
+
+    def _ctx(self) -> dict[str, str]:
+        return {"provider": ",".join(self._providers())}
 
     def _spawn(self, call: Any) -> None:
         task = asyncio.create_task(self._quiet(call))
@@ -176,8 +186,6 @@ class SharedBudgets:
     """One Redis connection for every key of this relayd; one gate per key."""
 
     def __init__(self, url: str, *, retry: float = 1.0) -> None:
-        import redis.asyncio  # the optional extra: only needed with shared_budget
-
         parts = urlsplit(url)
         host = parts.hostname or ""
         self.where = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"

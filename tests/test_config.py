@@ -478,6 +478,21 @@ def test_shared_budget_must_be_a_redis_url(value: str, ok: bool) -> None:
         assert problem.startswith("relayd.shared_budget: expected")
 
 
+def test_shared_budget_without_redis_py_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py is an optional extra: naming a shared budget without it installed is a config
+    error that says how to install it (exit 78), not a crash at the first poll."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a)
+    )
+    (problem,) = problems_of(with_key("relayd", "shared_budget", "redis://localhost:6379/0"))
+    assert problem == (
+        "relayd.shared_budget: needs redis-py, the optional extra: pip install 'relayd[redis]'"
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "listen"),
     [
