@@ -175,9 +175,12 @@ class SharedGate:
         }
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._side) if t is not None]
+        """Stop asking; a grant still in hand goes back, so no other instance waits for it."""
         if self._task is not None:
             self._task.cancel()
+        if self.grant is not None:
+            self.unused(self.take())
+        tasks = [t for t in (self._task, *self._side) if t is not None]
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -263,3 +263,22 @@ async def test_redis_killed_mid_run_and_restarted(
     assert len({r.json()["docId"] for r in receiver.accepted}) == 30
     assert all("SHARED BUDGET UNREACHABLE" in err for err in errors)
     assert all("shared budget reachable again" in err for err in errors)
+
+
+async def test_a_grant_in_hand_goes_back_at_shutdown(redis_server: RedisServer) -> None:
+    """A relayd that stops while holding a grant gives it back, so the other instances on the
+    key do not wait a lease and a window for a request that was never sent."""
+    from relayd.gate import SharedBudgets
+
+    shared = SharedBudgets(redis_server.url)
+    budget = shared.budget(f"grant-{uuid.uuid4().hex}", limit=5, window=0.2, lease=0.1)
+    granted = asyncio.Event()
+    gate = shared.gate(budget, providers=lambda: ["main"], on_grant=granted.set)
+    try:
+        gate.want(True)
+        await asyncio.wait_for(granted.wait(), 5)  # after the key's first-use settling
+        assert (await budget.snapshot())["used"] == 1
+        await gate.close()
+        assert (await budget.snapshot())["used"] == 0
+    finally:
+        await shared.close()
