@@ -148,7 +148,9 @@ class Api:
         return web.json_response({"job": updated.as_dict()})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.status())
+        info = self.daemon.status()
+        await self.daemon.poller.shared_status(info["providers"])
+        return web.json_response(info)
 
     async def healthz(self, request: web.Request) -> web.Response:
         problem = self.daemon.health_problem()

@@ -195,10 +195,14 @@ def _key_rows(providers: dict[str, Any]) -> list[list[Any]]:
         if b["key"] in keys:
             keys[b["key"]][1] += f",{name}"
             continue
+        used = f"{b['budget_used']}/{b['rate_limit']} per {_age(b['rate_window'])}"
+        shared = b.get("shared") or {}
+        if "used_by_all" in shared:  # the key's use by every instance, from Redis
+            used = f"{shared['used_by_all']}/{b['rate_limit']} by {shared['instances']} relayd"
         keys[b["key"]] = [
             b["key"],
             name,
-            f"{b['budget_used']}/{b['rate_limit']} per {_age(b['rate_window'])}",
+            used,
             b["jobs_in_flight"],
             f"every {_age(b['poll_interval_effective'])}" if b["jobs_in_flight"] else "-",
             b["due_now"],

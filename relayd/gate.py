@@ -165,6 +165,21 @@ class SharedGate:
         except SharedBudgetUnavailable as exc:
             self._down(str(exc))
 
+    async def snapshot(self) -> dict[str, Any]:
+        """What every instance on the key does now (Redis's view); {} while it is unreachable."""
+        try:
+            snap = await self.budget.snapshot()
+        except SharedBudgetUnavailable as exc:
+            self._down(str(exc))
+            return {}
+        return {
+            "used_by_all": snap["used"],
+            "instances": len(snap["instances"]),
+            "instances_waiting": len(snap["hungry"]),
+            "blocked_for": snap["blocked_for"],
+            "block_reason": snap["block_reason"] or None,
+        }
+
     def status(self) -> dict[str, Any]:
         return {
             "redis": self.where,

@@ -665,6 +665,13 @@ class Poller:
             return ""
         return f"shared budget unreachable ({group.gate.where}): sending nothing until it returns"
 
+    async def shared_status(self, providers: dict[str, dict[str, Any]]) -> None:
+        """Add Redis's view (every instance's use of each shared key) to `status()` entries."""
+        for name, group in self.group_of.items():
+            budget = providers.get(name, {}).get("budget")
+            if group.gate is not None and budget and budget.get("shared") is not None:
+                budget["shared"].update(await group.gate.snapshot())
+
     def shared_problems(self) -> list[str]:
         """One line per key that cannot reach its shared budget (for /readyz and the log)."""
         return [

@@ -187,6 +187,15 @@ async def test_three_processes_share_one_key(tmp_path: Path, redis_server: Redis
             for doc_id in ids:
                 provider.add_job(doc_id, ready_after=4.0)
             assert (await each.call("POST", "/v1/jobs", [{"docId": d} for d in ids]))[0] == 202
+        seen: dict[str, Any] = {}
+        for _ in range(100):  # Redis's view, as `relayd status` shows it: all three on the key
+            _, info = await instances[0].call("GET", "/v1/status")
+            seen = info["providers"]["main"]["budget"]["shared"]
+            if seen.get("instances") == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert seen["reachable"] and seen["instances"] == 3, seen
+        assert 0 <= seen["used_by_all"] <= LIMIT
         await receiver.wait_for(sum(jobs.values()), timeout=30)
         errors = [await each.stop() for each in instances]
     finally:
