@@ -273,3 +273,43 @@ async def test_both_providers_side_by_side_each_on_its_own_budget(
         assert len(mock.arrivals) > 80  # each key polled its 20 jobs (and paragraph pages)
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+async def test_an_answer_about_another_id_is_a_failed_poll(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any, status: str
+) -> None:
+    """A terminal answer whose `data.id` names another transcription is never taken as this
+    job's result: the poll fails, and the job's own answer is what gets delivered."""
+    answers = [
+        {"id": "trans_other", "status": status, "error": "another job's"},
+        {"id": "trans_mine", "status": "completed"},
+    ]
+    calls = 0
+
+    async def status_route(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response({"success": True, "data": answers[min(calls, 2) - 1]})
+
+    async def paragraphs(request: web.Request) -> web.Response:
+        page = {"paragraphs": [{"index": 0, "text": "mine"}], "total_count": 1}
+        return web.json_response({"success": True, "data": page})
+
+    app = web.Application()
+    app.router.add_get("/v1/audio/transcribe/{id}", status_route)
+    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
+    server = await aiohttp_server(app)
+    config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "trans_mine"})
+        [got] = await receiver.wait_for(1)
+        _, detail = await api(daemon, "GET", "/v1/jobs/main/trans_mine")
+    body = got.json()
+    assert (body["event_type"], body["data"]["id"], body["text"]) == (
+        "transcription.completed",
+        "trans_mine",
+        "mine",
+    )
+    assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]
+    assert "about id 'trans_other'" in detail["polls"][0]["detail"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -110,3 +111,48 @@ async def test_retry_after_as_a_date_is_read_against_the_answers_date(
         await eventually(lambda: daemon.poller.status()["main"]["blocked_for"] > 0)
         blocked = daemon.poller.status()["main"]["blocked_for"]
     assert 0.9 < blocked <= 2.0  # HTTP dates have whole seconds
+
+
+async def scripted_xosum(aiohttp_server: Any, answers: list[Any]) -> tuple[Any, list[web.Request]]:
+    """A Xosum that answers `answers` in order (JSON bodies), then repeats the last."""
+    seen: list[web.Request] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response(answers[min(len(seen), len(answers)) - 1])
+
+    app = web.Application()
+    app.router.add_get("/api/getTranscription", handler)
+    return await aiohttp_server(app), seen
+
+
+GOOD = {"docId": "j1", "status": "transcribed", "transcription": "the real one", "metadata": {}}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**GOOD, "docId": "j2", "transcription": "another job's transcript"},
+        {"docId": "j2", "status": "failed", "error": "another job's failure"},
+    ],
+    ids=["transcribed", "failed"],
+)
+async def test_an_answer_about_another_doc_id_is_a_failed_poll(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any, bad: dict[str, Any]
+) -> None:
+    """A terminal answer naming another docId (a cache mixed up answers) is never taken as this
+    job's result: the poll fails, and the job's own answer is what gets delivered."""
+    server, seen = await scripted_xosum(aiohttp_server, [bad, GOOD])
+    data = config_dict(tmp_path, server.port, {"app": receiver.port})
+    data["endpoints"]["app"]["events"] = ["transcript_ready", "transcript_failed"]
+    async with running(make_config(data, tmp_path)) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "j1"})
+        [got] = await receiver.wait_for(1)
+        _, detail = await api(daemon, "GET", "/v1/jobs/main/j1")
+    assert (got.json()["event_type"], got.json()["transcription"]) == (
+        "transcript_ready",
+        "the real one",
+    )
+    assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]
+    assert "about docId 'j2'" in detail["polls"][0]["detail"]
+    assert len(seen) == 2

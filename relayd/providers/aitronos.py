@@ -113,6 +113,8 @@ class AitronosProvider:
         status = data.get("status")
         if not isinstance(status, str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
+        if data.get("id", job.doc_id) != job.doc_id:  # a cache or proxy mixed up answers
+            raise Retryable(f"answer for {job.doc_id} is about id {data['id']!r:.80}")
         hints = hints_from(data.get("type"), data.get("duration_seconds", data.get("duration")))
         if status not in TERMINAL:
             return Progress(status, answer.status, etag, wait, hints)

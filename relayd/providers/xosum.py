@@ -45,6 +45,8 @@ class XosumProvider:
             doc = doc["data"]
         if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
+        if doc.get("docId", job.doc_id) != job.doc_id:  # a cache or proxy mixed up answers
+            raise Retryable(f"answer for {job.doc_id} is about docId {doc['docId']!r:.80}")
         status: str = doc["status"]
         hints = hints_from(doc.get("type"), doc.get("duration"))
         if status not in TERMINAL:
