@@ -156,3 +156,26 @@ async def test_an_answer_about_another_doc_id_is_a_failed_poll(
     assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]
     assert "about docId 'j2'" in detail["polls"][0]["detail"]
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    "transcription",
+    [42, None, ["a", "b"], {"text": "nested"}, "absent"],
+    ids=["number", "null", "list", "object", "absent"],
+)
+async def test_transcribed_without_a_transcript_string_is_a_failed_poll(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any, transcription: Any
+) -> None:
+    """`transcribed` whose `transcription` is missing or not a string is garbage: the poll fails
+    and the next good answer is delivered, never a null or a number as the transcript."""
+    bad = {**GOOD, "transcription": transcription}
+    if transcription == "absent":
+        del bad["transcription"]
+    server, _ = await scripted_xosum(aiohttp_server, [bad, GOOD])
+    config = make_config(config_dict(tmp_path, server.port, {"app": receiver.port}), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "j1"})
+        [got] = await receiver.wait_for(1)
+        _, detail = await api(daemon, "GET", "/v1/jobs/main/j1")
+    assert got.json()["transcription"] == "the real one"
+    assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]

@@ -52,8 +52,8 @@ class XosumProvider:
         if status not in TERMINAL:
             return Progress(status=status, http_status=answer.status, hints=hints)
         if status == "transcribed":
-            if "transcription" not in doc:
-                raise Retryable(f"answer for {job.doc_id} says transcribed without transcription")
+            if not isinstance(doc.get("transcription"), str):
+                raise Retryable(f"answer for {job.doc_id} says transcribed with no transcript text")
             event = Event("transcript_ready", self.ready_body(job, doc))
             return Finished(status, answer.status, doc, [event], hints=hints)
         event = Event("transcript_failed", self.failed_body(job, doc))
