@@ -313,3 +313,40 @@ async def test_an_answer_about_another_id_is_a_failed_poll(
     )
     assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]
     assert "about id 'trans_other'" in detail["polls"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[1, 2], [None, None], [{"index": 0, "text": 7}, {"index": 1, "text": "b"}], [{}, {}]],
+    ids=["numbers", "nulls", "text-not-a-string", "no-text"],
+)
+async def test_a_page_of_paragraphs_that_are_not_paragraphs_is_retried(
+    tmp_path: Path, receiver: Receiver, aiohttp_server: Any, items: list[Any]
+) -> None:
+    """Paragraphs that are not objects with a `text` string are garbage: the poll fails and the
+    next full transcript is delivered, never the garbage items or an empty text."""
+    calls = 0
+
+    async def status(request: web.Request) -> web.Response:
+        data = {"id": "trans_p", "status": "completed"}
+        return web.json_response({"success": True, "data": data})
+
+    async def paragraphs(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        good = [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]
+        page = {"paragraphs": items if calls == 1 else good, "total_count": 2}
+        return web.json_response({"success": True, "data": page})
+
+    app = web.Application()
+    app.router.add_get("/v1/audio/transcribe/{id}", status)
+    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
+    server = await aiohttp_server(app)
+    config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
+    async with running(config) as daemon:
+        await api(daemon, "POST", "/v1/jobs", {"docId": "trans_p"})
+        [got] = await receiver.wait_for(1)
+        _, detail = await api(daemon, "GET", "/v1/jobs/main/trans_p")
+    assert got.json()["paragraphs"] == [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]
+    assert got.json()["text"] == "a\n\nb"
+    assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]

@@ -158,6 +158,8 @@ class AitronosProvider:
                 raise Retryable(
                     f"paragraphs of {job.doc_id}: no 'paragraphs' list or 'total_count'"
                 )
+            if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in page):
+                raise Retryable(f"paragraphs of {job.doc_id}: a paragraph without a 'text' string")
             if total is None:
                 total = count
             elif count != total:
@@ -175,14 +177,13 @@ class AitronosProvider:
     def completed_body(
         self, job: Job, data: dict[str, Any], paragraphs: list[Any], pii: dict[str, Any]
     ) -> dict[str, Any]:
-        texts = [p.get("text") if isinstance(p, dict) else None for p in paragraphs]
         body: dict[str, Any] = {
             "event_type": "transcription.completed",
             "transcription_id": job.doc_id,
             "status": "completed",
             "data": data,
             "paragraphs": paragraphs,
-            "text": "\n\n".join(t for t in texts if isinstance(t, str)),
+            "text": "\n\n".join(p["text"] for p in paragraphs),
         }
         return self._extras(job, body, pii)
 
