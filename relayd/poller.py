@@ -61,6 +61,9 @@ class KeyGroup:
     schedule: Schedule = field(default_factory=Schedule)
     paused_until: float = 0.0  # monotonic; set after 401/403
     pause_reason: str = ""
+    # monotonic send time of the newest poll whose answer said whether the key works: an older
+    # answer, arriving later, says nothing about the key now and changes nothing
+    key_news_at: float = -math.inf
     waiters: int = 0  # requests waiting for a slot outside the schedule (paragraph pages)
     in_flight: set[int] = field(default_factory=set)
     idle_until: float = 0.0  # monotonic: nothing to do before then unless the group is woken
@@ -458,6 +461,7 @@ class Poller:
             self._unused(group, slot)
             return None  # cancelled, or finished elsewhere
         pc = self.config.providers[job.provider]
+        sent_at = self.clock.monotonic()
         ctx.pop("job_id", None)  # the provider and doc id name the job for an operator
         ctx.update(provider=job.provider, job=job.doc_id)
         if wall - job.submitted_at >= pc.max_job_age:
@@ -471,7 +475,7 @@ class Poller:
         except RateLimited:
             return job.next_poll_at  # keeps its place in line
         except Unauthorized as exc:
-            self._pause(group, pc, str(exc), ctx)
+            self._pause(group, pc, str(exc), ctx, sent_at)
             return job.next_poll_at
         except NotFound as exc:
             now = self.clock.time()
@@ -487,7 +491,7 @@ class Poller:
         finally:
             if not upstream.prepaid_used:
                 self._unused(group, slot)  # the provider never sent: give the slot back
-        self._resume(group, pc)
+        self._resume(group, pc, sent_at)
         now = self.clock.time()
         if isinstance(outcome, Finished):
             self._finish(job, pc, outcome, now)
@@ -605,9 +609,23 @@ class Poller:
             group.gate.unused(slot)
 
     def _pause(
-        self, group: KeyGroup, pc: ProviderConfig, reason: str, ctx: dict[str, object]
+        self,
+        group: KeyGroup,
+        pc: ProviderConfig,
+        reason: str,
+        ctx: dict[str, object],
+        sent_at: float,
     ) -> None:
-        """The provider refused the key while polling the job in `ctx`: pause the key."""
+        """The provider refused the key while polling the job in `ctx` (a poll sent at
+        `sent_at`): pause the key, unless a poll sent later found it accepted."""
+        if sent_at < group.key_news_at:
+            if not group.pause_reason:
+                log.info(
+                    "401/403 to a poll sent before one that found the key accepted: not pausing",
+                    extra=ctx,
+                )
+            return
+        group.key_news_at = sent_at
         probe_after = max(pc.rate_window, min(60.0, pc.poll_interval * 4))
         if not group.pause_reason:
             log.error(
@@ -619,7 +637,12 @@ class Poller:
         group.pause_reason = reason
         group.paused_until = self.clock.monotonic() + probe_after
 
-    def _resume(self, group: KeyGroup, pc: ProviderConfig) -> None:
+    def _resume(self, group: KeyGroup, pc: ProviderConfig, sent_at: float) -> None:
+        """A poll sent at `sent_at` was answered: the key works, unless a poll sent later was
+        refused (this one may have reached the provider first)."""
+        if sent_at < group.key_news_at:
+            return
+        group.key_news_at = sent_at
         if group.pause_reason:
             log.warning("API key accepted again: jobs resume", extra={"provider": pc.name})
             group.pause_reason = ""

@@ -1,8 +1,11 @@
 """The poll loop at the limit, end to end: learned cadence across restarts, the status a person
-reads to see how the budget is shared, and 429 blocks read against the provider's own clock."""
+reads to see how the budget is shared, 429 blocks read against the provider's own clock; and
+answers that must not finish a job, or decide whether the key works."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -179,3 +182,54 @@ async def test_transcribed_without_a_transcript_string_is_a_failed_poll(
         _, detail = await api(daemon, "GET", "/v1/jobs/main/j1")
     assert got.json()["transcription"] == "the real one"
     assert [p["outcome"] for p in detail["polls"]] == ["error", "finished"]
+
+
+@pytest.mark.parametrize("late", ["success", "refusal"])
+async def test_an_answer_overtaken_by_a_later_polls_says_nothing_about_the_key(
+    tmp_path: Path,
+    receiver: Receiver,
+    aiohttp_server: Any,
+    caplog: pytest.LogCaptureFixture,
+    late: str,
+) -> None:
+    """Of two polls in flight, the one sent later tells whether the key works now: a success
+    sent before a 401 but answered after it does not resume the key (no flapping), and a 401
+    sent before a success does not pause it."""
+    arrived: list[str] = []
+    refused = {"success": "second", "refusal": "first"}[late]
+
+    async def handler(request: web.Request) -> web.Response:
+        doc = request.query["docId"]
+        arrived.append(doc)
+        refuse = len(arrived) <= 2 and doc == refused
+        if arrived == ["first"]:
+            await asyncio.sleep(0.15)  # sent first, answered after the second poll
+        if refuse:
+            return web.json_response({"error": "invalid API key"}, status=401)
+        return web.json_response({"docId": doc, "status": "processing"})
+
+    app = web.Application()
+    app.router.add_get("/api/getTranscription", handler)
+    server = await aiohttp_server(app)
+    config = make_config(config_dict(tmp_path, server.port, {"app": receiver.port}), tmp_path)
+
+    def polls(doc: str) -> int:
+        job = daemon.store.get_job("main", doc)
+        return job.polls if job else 0
+
+    with caplog.at_level(logging.INFO, logger="relayd"):
+        async with running(config) as daemon:
+            await api(daemon, "POST", "/v1/jobs", {"docId": "first"})
+            await eventually(lambda: arrived == ["first"])
+            await api(daemon, "POST", "/v1/jobs", {"docId": "second"})
+            if late == "success":
+                await eventually(lambda: polls("first") == 1)  # its success is recorded
+                assert daemon.poller.status()["main"]["paused"], "a stale success resumed it"
+                await eventually(lambda: not daemon.poller.status()["main"]["paused"], timeout=2)
+                assert arrived[2] == "second"  # the probe, sent after the refusal
+            else:
+                await eventually(lambda: "not pausing" in caplog.text or "REFUSED" in caplog.text)
+                assert not daemon.poller.status()["main"]["paused"], "a stale 401 paused it"
+    refusals = sum("API KEY REFUSED" in r.getMessage() for r in caplog.records)
+    resumes = sum("API key accepted again" in r.getMessage() for r in caplog.records)
+    assert (refusals, resumes) == ((1, 1) if late == "success" else (0, 0))
