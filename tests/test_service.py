@@ -209,7 +209,13 @@ async def test_metrics_operators_alert_on(
             await api(daemon, "POST", "/v1/jobs", [{"docId": "quick-job"}, {"docId": "slow-job"}])
             (config.settings.spool_dir / "two.txt").write_text("spool-1\nspool-2\n")
             daemon.spool.scan()
-            await eventually(lambda: daemon.store.delivery_counts().get("down", {}).get("dead"))
+
+            def quiet() -> bool:  # the dead letter is in, and no other delivery is under way
+                counts = daemon.store.delivery_counts()
+                pending = sum(c.get("pending", 0) for c in counts.values())
+                return bool(counts.get("down", {}).get("dead")) and pending == 0
+
+            await eventually(quiet, what="a dead letter and nothing pending")
             status, text = await api(daemon, "GET", "/metrics")
     finally:
         await ok_runner.cleanup()
