@@ -393,12 +393,12 @@ async def test_restart_after_a_crash_does_not_double_the_window(
     config = await _saturate(tmp_path, provider, receiver)
     first = Daemon(config)
     task = asyncio.create_task(first.serve(asyncio.Event().wait))
-    await first.ready.wait()
+    await asyncio.wait_for(first.ready.wait(), 15)
     await api(first, "POST", "/v1/jobs", [{"docId": f"busy-{i}"} for i in range(20)])
     await eventually(lambda: len(provider.arrivals) >= 8)
     task.cancel()  # like kill -9: no shutdown path, nothing saved
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, 15)
     crashed_at = len(provider.arrivals)
     async with running(config):
         await eventually(lambda: len(provider.arrivals) >= crashed_at + 8, timeout=5)
