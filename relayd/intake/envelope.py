@@ -46,7 +46,8 @@ class Catalog:
             return self.default_provider
         if name not in self.providers:
             raise IntakeError(
-                f"{where}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})"
+                f"{where}: unknown provider {_show(name)} "
+                f"(known: {', '.join(sorted(self.providers))})"
             )
         return name
 
@@ -55,9 +56,8 @@ def check_job_id(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise IntakeError(f"{where}: docId must be a string, got {_type(value)}")
     if not JOB_ID.fullmatch(value):
-        shown = value if len(value) <= 60 else value[:57] + "..."
         raise IntakeError(
-            f"{where}: invalid job id {shown!r} ({len(value)} chars): use 1-200 letters, "
+            f"{where}: invalid job id {_show(value)} ({len(value)} chars): use 1-200 letters, "
             "digits, '_', '-', '.', ':'"
         )
     return value
@@ -127,7 +127,8 @@ def _parse_object(obj: object, catalog: Catalog, where: str) -> Submission:
     unknown = sorted(set(obj) - ALLOWED_KEYS)
     if unknown:
         raise IntakeError(
-            f"{where}: unknown field {unknown[0]!r} (allowed: docId, provider, metadata, endpoints)"
+            f"{where}: unknown field {_show(unknown[0])} "
+            "(allowed: docId, provider, metadata, endpoints)"
         )
     if "docId" not in obj:
         raise IntakeError(f"{where}: docId is required")
@@ -149,11 +150,16 @@ def _parse_object(obj: object, catalog: Catalog, where: str) -> Submission:
                 raise IntakeError(f"{where}.endpoints[{i}]: expected a string, got {_type(name)}")
             if name not in catalog.endpoints:
                 raise IntakeError(
-                    f"{where}.endpoints[{i}]: unknown endpoint {name!r} "
+                    f"{where}.endpoints[{i}]: unknown endpoint {_show(name)} "
                     f"(known: {', '.join(sorted(catalog.endpoints))})"
                 )
         endpoints = tuple(dict.fromkeys(raw))
     return Submission(doc_id, provider, metadata, endpoints)
+
+
+def _show(value: str) -> str:
+    """A name from the input, quoted and cut short: a reason stays readable whatever was sent."""
+    return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
 def _type(value: object) -> str:
