@@ -47,7 +47,8 @@ def token_auth(token: str) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
+            # aiohttp keeps a header's non-UTF-8 bytes as surrogates: compare the bytes sent
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 return error(401, "missing or wrong 'Authorization: Bearer <api_token>'")
         return await handler(request)

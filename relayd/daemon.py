@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -257,15 +258,24 @@ class Daemon:
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             runners.append(runner)
-            await web.UnixSite(runner, str(path)).start()
+            sock = _bind_unix(path)
             self._socket_bound = True
-            os.chmod(path, 0o660)
+            await web.SockSite(runner, sock).start()  # listen() happens here, after the chmod
         if settings.http is not None:
             token = settings.api_token.value if settings.api_token else None
+            host = settings.http.host
+            if not token and not _loopback(host):
+                log.warning(
+                    "the TCP API listens on %s with no api_token: anyone who can reach port %d "
+                    "can submit, cancel and redeliver jobs; set [relayd] api_token, or listen "
+                    "on 127.0.0.1",
+                    host,
+                    settings.http.port,
+                )
             runner = web.AppRunner(make_app(self, token=token), access_log=None)
             await runner.setup()
             runners.append(runner)
-            site = web.TCPSite(runner, settings.http.host, settings.http.port)
+            site = web.TCPSite(runner, host, settings.http.port)
             await site.start()
             self.http_port = _bound_port(runner)
         return runners
@@ -420,6 +430,38 @@ def _remove_stale_socket(path: Path) -> None:
         raise OSError(f"{path}: another relayd is listening on this socket")
     finally:
         probe.close()
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A unix socket bound at `path`, mode 0660, not listening yet.
+
+    bind() creates the file under relayd's umask, maybe more open than 0660. That does not
+    matter while nothing listens: a connect() is refused, and connect() checks the file's mode
+    when it is made. So chmod between bind and listen leaves no moment at which a connection
+    can be made through a more open mode. (Changing the umask around bind would do too, but
+    the umask is process-wide: other threads' files created meanwhile would get it.)
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        try:
+            os.chmod(path, 0o660)
+        except OSError:
+            path.unlink()
+            raise
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be reachable
 
 
 def _bound_port(runner: web.AppRunner) -> int:

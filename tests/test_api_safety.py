@@ -1,0 +1,196 @@
+"""The API's sockets under hostile or careless clients (issue 8): socket mode, token, size caps on
+requests and answers, slow and idle clients, many connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relayd.config import parse_config
+from relayd.daemon import Daemon
+from relayd.mock import provider as mock_provider
+from relayd.mock.receiver import Receiver
+from tests.conftest import ENV, api, config_dict, make_config, running
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def config_data(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> dict[str, Any]:
+    return config_dict(tmp_path, provider.port, {"app": receiver.port})
+
+
+def socket_path(daemon: Daemon) -> str:
+    assert daemon.config.settings.socket is not None
+    return str(daemon.config.settings.socket)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 answer with a Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def raw_request(daemon: Daemon, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are on the unix socket; read one answer."""
+    reader, writer = await asyncio.open_unix_connection(socket_path(daemon))
+    try:
+        writer.write(data)
+        async with asyncio.timeout(2):
+            return await read_answer(reader)
+    finally:
+        writer.close()
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """The server closed the connection (EOF or reset) within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(4096):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+# -- the unix socket -------------------------------------------------------------------------------
+
+
+async def test_socket_is_0660_before_it_listens(
+    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under umask 000 the socket is 0660 already when it starts listening: no open window."""
+    path = str(tmp_path / "relayd.sock")
+    seen: list[int] = []
+    listen = socket.socket.listen
+
+    def spy(self: socket.socket, *args: Any) -> None:
+        if self.family == socket.AF_UNIX and self.getsockname() == path:
+            seen.append(os.stat(path).st_mode & 0o777)
+        listen(self, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", spy)
+    old = os.umask(0)
+    try:
+        async with running(make_config(config_data, tmp_path)):
+            assert os.stat(path).st_mode & 0o777 == 0o660
+    finally:
+        os.umask(old)
+    assert seen == [0o660]
+
+
+# -- the TCP listener ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("http", "token", "warns"),
+    [
+        ("0.0.0.0:0", None, True),
+        ("[::]:0", None, True),
+        ("0.0.0.0:0", TOKEN, False),
+        ("127.0.0.1:0", None, False),
+        ("localhost:0", None, False),
+    ],
+)
+async def test_tcp_api_open_to_the_network_without_token_warns(
+    config_data: dict[str, Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    http: str,
+    token: str | None,
+    warns: bool,
+) -> None:
+    """A non-loopback `http` with no api_token logs a warning at start; loopback or a token not."""
+    config_data["relayd"]["http"] = http
+    if token:
+        config_data["relayd"]["api_token"] = "env:TOKEN"
+    config = parse_config(config_data, base_dir=tmp_path, env={**ENV, "TOKEN": TOKEN})
+    with caplog.at_level(logging.WARNING, logger="relayd"):
+        async with running(config):
+            pass
+    warned = [r for r in caplog.records if "no api_token" in r.getMessage()]
+    assert bool(warned) == warns
+    assert all(r.levelno == logging.WARNING for r in warned)
+
+
+ROUTES = [
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/main/a"),
+    ("POST", "/v1/jobs/main/a/redeliver"),
+    ("DELETE", "/v1/jobs/main/a"),
+    ("GET", "/v1/status"),
+    ("GET", "/metrics"),
+    ("GET", "/no/such/route"),
+    ("GET", "/healthz/"),
+]
+
+
+async def test_token_is_required_on_every_tcp_path_but_the_probes(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """With api_token, every TCP request but /healthz and /readyz needs the exact bearer token
+    (missing, wrong, or undecodable: 401, nothing done); the unix socket needs none."""
+    config_data["relayd"]["api_token"] = "env:TOKEN"
+    config = parse_config(config_data, base_dir=tmp_path, env={**ENV, "TOKEN": TOKEN})
+    wrong: list[dict[str, str]] = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Bearer  {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        {"Authorization": f"Basic {TOKEN}"},
+    ]
+    async with running(config) as daemon, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{daemon.http_port}"
+        for method, path in ROUTES:
+            for headers in wrong:
+                async with session.request(
+                    method, base + path, headers=headers, json={"docId": "a"}
+                ) as resp:
+                    assert resp.status == 401, (method, path, headers)
+                    assert "api_token" in (await resp.json())["error"]
+        # a header that is not UTF-8 is refused like any other wrong token
+        status, body = await raw_tcp(
+            daemon.http_port,
+            b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
+        )
+        assert status == 401, body
+        assert daemon.store.list_jobs() == []
+        for path in ("/healthz", "/readyz"):
+            async with session.get(base + path) as resp:
+                assert resp.status == 200
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with session.post(base + "/v1/jobs", json={"docId": "t"}, headers=auth) as resp:
+            assert resp.status == 202
+        async with session.get(base + "/v1/status", headers=auth) as resp:
+            assert resp.status == 200
+        assert (await api(daemon, "POST", "/v1/jobs", {"docId": "u"}))[0] == 202
+        assert (await api(daemon, "GET", "/v1/status"))[0] == 200
+
+
+async def raw_tcp(port: int, data: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(2):
+            return await read_answer(reader)
+    finally:
+        writer.close()
