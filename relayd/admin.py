@@ -4,6 +4,7 @@ status, health and metrics. Every error answer is JSON `{"error": "…"}`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,15 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
+
+# Slow and idle clients must not hold a connection for long. aiohttp has no timeout of its own
+# for reading a request head, but its keep-alive timer runs from the moment a connection opens
+# (and again after each answer) and closes a connection still waiting for a complete head: so
+# IDLE_SECONDS bounds an idle keep-alive connection and a head sent byte by byte alike. A body
+# is bounded by BODY_SECONDS in Api.submit. Read at start, so tests can shorten them.
+IDLE_SECONDS = 15.0
+BODY_SECONDS = 30.0  # the whole body of a POST, counted from its head: else 408
+LINGER_SECONDS = 2.0  # after an early answer (408, 413), unread body is drained this long at most
 
 
 def error(status: int, message: str) -> web.Response:
@@ -56,6 +66,12 @@ def token_auth(token: str) -> Middleware:
     return check
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    return web.AppRunner(
+        app, access_log=None, keepalive_timeout=IDLE_SECONDS, lingering_time=LINGER_SECONDS
+    )
+
+
 def make_app(daemon: Daemon, *, token: str | None = None) -> web.Application:
     middlewares: list[Middleware] = [json_errors]
     if token:
@@ -81,7 +97,14 @@ class Api:
     async def submit(self, request: web.Request) -> web.Response:
         if self.daemon.draining:
             return error(503, "shutting down: not taking new jobs")
-        raw = await request.read()
+        if (request.content_length or 0) > MAX_BYTES:  # say so now, not after 1 MiB
+            raise web.HTTPRequestEntityTooLarge(MAX_BYTES, request.content_length or 0)
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                raw = await request.read()
+        except TimeoutError:
+            self.daemon.metrics.intake.labels("api", "rejected").inc()
+            return error(408, f"the body did not arrive within {BODY_SECONDS:g} s")
         try:
             subs = parse_json(load_json(raw), self.daemon.catalog())
         except IntakeError as exc:

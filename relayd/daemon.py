@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from relayd import __version__
-from relayd.admin import make_app
+from relayd.admin import make_app, make_runner
 from relayd.clock import Clock, SystemClock
 from relayd.config import Config, ConfigError, load_config
 from relayd.delivery import Deliverer
@@ -255,7 +255,7 @@ class Daemon:
             path = settings.socket
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(path)
-            runner = web.AppRunner(make_app(self), access_log=None)
+            runner = make_runner(make_app(self))
             await runner.setup()
             runners.append(runner)
             sock = _bind_unix(path)
@@ -272,7 +272,7 @@ class Daemon:
                     host,
                     settings.http.port,
                 )
-            runner = web.AppRunner(make_app(self, token=token), access_log=None)
+            runner = make_runner(make_app(self, token=token))
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, settings.http.port)

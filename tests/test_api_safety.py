@@ -4,17 +4,23 @@ requests and answers, slow and idle clients, many connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import json
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from relayd import admin
 from relayd.config import parse_config
 from relayd.daemon import Daemon
+from relayd.intake.envelope import MAX_BYTES
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from tests.conftest import ENV, api, config_dict, make_config, running
@@ -194,3 +200,141 @@ async def raw_tcp(port: int, data: bytes) -> tuple[int, bytes]:
             return await read_answer(reader)
     finally:
         writer.close()
+
+
+# -- request size ----------------------------------------------------------------------------------
+
+
+async def test_bodies_over_the_cap_get_413_however_they_come(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """Over 1 MiB is a JSON 413 whether sent chunked (no Content-Length), announced by a
+    Content-Length the client never fills, or gzip-compressed from a small wire size."""
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        path = socket_path(daemon)
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session:
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b'[{"docId": "a", "metadata": {"x": "'
+                for _ in range(20):
+                    yield b"x" * 65536
+                yield b'"}}]'
+
+            async with session.post("http://relayd/v1/jobs", data=chunks()) as resp:
+                assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+                assert resp.status == 413
+                assert "too large" in (await resp.json())["error"]
+
+            bomb = gzip.compress(b'[{"docId": "a", "metadata": {"x": "' + b"0" * 8 * MAX_BYTES)
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            assert len(bomb) < 64 * 1024
+            async with session.post("http://relayd/v1/jobs", data=bomb, headers=headers) as resp:
+                assert resp.status == 413
+
+        # announces 2 MiB, sends 10 bytes and waits: refused at once, not after a body timeout
+        head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MAX_BYTES}\r\n\r\n"
+        status, body = await raw_request(daemon, head.encode() + b'{"docId": ')
+        assert status == 413 and "too large" in json.loads(body)["error"]
+
+        # a Content-Length shorter than what follows: the rest, read as a next request, is not
+        # HTTP; aiohttp answers that 400 (for both) and closes; nothing is stored
+        body_bytes = b'{"docId": "short"}'
+        data = (
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+            + body_bytes
+            + b"\r\n\r\n"
+        )
+        status, body = await raw_request(daemon, data)
+        assert status == 400, body
+        assert daemon.store.list_jobs() == []
+        assert (await api(daemon, "GET", "/healthz"))[0] == 200
+
+
+async def test_oversized_heads_are_refused_not_crashed_on(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """A huge header, too many headers or a huge URL gets a 4xx; the daemon serves on."""
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        big_header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(500))
+        many_headers = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"
+        long_url = b"GET /v1/jobs/main/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        for data in (big_header, many_headers, long_url):
+            status, _ = await raw_request(daemon, data)
+            assert status in (400, 414, 431), data[:40]
+        assert (await api(daemon, "GET", "/healthz"))[0] == 200
+
+
+# -- slow and idle clients -------------------------------------------------------------------------
+
+
+async def test_slow_head_and_idle_connections_are_closed(
+    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head sent byte by byte, and a connection that sends nothing, are closed after
+    IDLE_SECONDS; other clients are served meanwhile."""
+    monkeypatch.setattr(admin, "IDLE_SECONDS", 0.3)
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        path = socket_path(daemon)
+        idle_reader, idle_writer = await asyncio.open_unix_connection(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(40):
+                    writer.write(b"X")
+                    await asyncio.sleep(0.025)
+
+        dripping = asyncio.create_task(trickle())
+        assert (await api(daemon, "GET", "/healthz"))[0] == 200  # served meanwhile
+        assert await closed_within(reader, 0.8)
+        assert loop.time() - start < 0.8
+        assert await closed_within(idle_reader, 0.3)
+        dripping.cancel()
+        writer.close()
+        idle_writer.close()
+
+
+async def test_slow_body_gets_408_while_others_are_served(
+    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body still incomplete after BODY_SECONDS gets a JSON 408; nothing is stored."""
+    monkeypatch.setattr(admin, "BODY_SECONDS", 0.2)
+    monkeypatch.setattr(admin, "LINGER_SECONDS", 0.1)
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        reader, writer = await asyncio.open_unix_connection(socket_path(daemon))
+        body = b'{"docId": "slow"}'
+        writer.write(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body[:3])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        answer = asyncio.create_task(read_answer(reader))
+        assert (await api(daemon, "POST", "/v1/jobs", {"docId": "fast"}))[0] == 202
+        async with asyncio.timeout(1):
+            status, raw = await answer
+        assert status == 408 and "did not arrive" in json.loads(raw)["error"]
+        assert 0.15 < loop.time() - start < 0.6
+        assert await closed_within(reader, 0.5)
+        writer.close()
+        assert [j.doc_id for j in daemon.store.list_jobs()] == ["fast"]
+
+
+async def test_many_idle_connections_do_not_stop_service(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """200 open, silent connections to the unix socket: a normal request is still served."""
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        path = socket_path(daemon)
+        writers = []
+        try:
+            for _ in range(200):
+                writers.append((await asyncio.open_unix_connection(path))[1])
+            async with asyncio.timeout(2):
+                assert (await api(daemon, "POST", "/v1/jobs", {"docId": "x"}))[0] == 202
+                assert (await api(daemon, "GET", "/v1/jobs/main/x"))[0] == 200
+        finally:
+            for writer in writers:
+                writer.close()
