@@ -31,6 +31,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
 IDLE_SECONDS = 15.0
 BODY_SECONDS = 30.0  # the whole body of a POST, counted from its head: else 408
 LINGER_SECONDS = 2.0  # after an early answer (408, 413), unread body is drained this long at most
+LIST_BYTES = 16 * 1024 * 1024  # about the most one GET /v1/jobs answer holds; then "truncated"
 
 
 def error(status: int, message: str) -> web.Response:
@@ -130,8 +131,10 @@ class Api:
                 raise ValueError
         except ValueError:
             return error(400, "limit: expected an integer from 1 to 10000")
-        jobs = self.daemon.store.list_jobs(state=state, provider=q.get("provider"), limit=limit)
-        return web.json_response({"jobs": [j.as_dict() for j in jobs]})
+        jobs, truncated = self.daemon.store.list_jobs_within(
+            state=state, provider=q.get("provider"), limit=limit, max_bytes=LIST_BYTES
+        )
+        return web.json_response({"jobs": [j.as_dict() for j in jobs], "truncated": truncated})
 
     def _job_ref(self, request: web.Request) -> tuple[str, str]:
         provider, doc_id = request.match_info["provider"], request.match_info["doc_id"]

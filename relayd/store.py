@@ -225,6 +225,7 @@ DELIVERY_COLUMNS = (
     " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id"
 )
 DELIVERY_FROM = "deliveries d JOIN jobs j ON j.id = d.job_id"
+JOB_JSON_BYTES = 400  # Job.as_dict() as JSON, besides its docId, metadata and endpoints
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -391,6 +392,19 @@ class Store:
     def list_jobs(
         self, *, state: str | None = None, provider: str | None = None, limit: int = 100
     ) -> list[Job]:
+        return self.list_jobs_within(state=state, provider=provider, limit=limit)[0]
+
+    def list_jobs_within(
+        self,
+        *,
+        state: str | None = None,
+        provider: str | None = None,
+        limit: int = 100,
+        max_bytes: int | None = None,
+    ) -> tuple[list[Job], bool]:
+        """The newest jobs first; with max_bytes, only as many (at least one) as fit in about
+        that many bytes of JSON, metadata counted (a job's may be up to 1 MiB). The flag says
+        that jobs were left out for size."""
         where, args = [], []
         if state:
             where.append("state=?")
@@ -402,7 +416,15 @@ class Store:
         rows = self._db.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
         )
-        return [_job(r) for r in rows]
+        jobs: list[Job] = []
+        size = 0
+        for row in rows:  # one at a time: a cut-off list never holds more rows than it returns
+            size += JOB_JSON_BYTES + len(row[2]) + len(row[4] or "") + len(row[5] or "")
+            if max_bytes is not None and jobs and size > max_bytes:
+                rows.close()
+                return jobs, True
+            jobs.append(_job(row))
+        return jobs, False
 
     def polling_jobs(self) -> list[tuple[int, str, float]]:
         """(id, provider, next_poll_at) of every job still being polled, for the scheduler."""
@@ -437,14 +459,15 @@ class Store:
         )
         return [_delivery(r) for r in rows]
 
-    def attempts_for(self, delivery_id: int) -> list[dict[str, Any]]:
+    def attempts_for(self, delivery_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest `limit` attempts, oldest first (redeliveries add attempts without end)."""
         rows = self._db.execute(
             "SELECT at, status, error, duration, outcome FROM attempts WHERE delivery_id=?"
-            " ORDER BY id",
-            (delivery_id,),
-        )
+            " ORDER BY id DESC LIMIT ?",
+            (delivery_id, limit),
+        ).fetchall()
         keys = ("at", "status", "error", "duration", "outcome")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
 
     def job_counts(self) -> dict[str, dict[str, int]]:
         """provider -> state -> count."""

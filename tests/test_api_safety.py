@@ -20,9 +20,10 @@ import pytest
 from relayd import admin
 from relayd.config import parse_config
 from relayd.daemon import Daemon
-from relayd.intake.envelope import MAX_BYTES
+from relayd.intake.envelope import MAX_BYTES, Submission
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.store import NewDelivery
 from tests.conftest import ENV, api, config_dict, make_config, running
 
 TOKEN = "s3cret-token"
@@ -263,6 +264,66 @@ async def test_oversized_heads_are_refused_not_crashed_on(
             status, _ = await raw_request(daemon, data)
             assert status in (400, 414, 431), data[:40]
         assert (await api(daemon, "GET", "/healthz"))[0] == 200
+
+
+# -- answer size -----------------------------------------------------------------------------------
+
+
+async def test_job_list_answer_is_bounded_in_bytes(
+    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/jobs stops at about LIST_BYTES (metadata counted), newest first, and says so."""
+    monkeypatch.setattr(admin, "LIST_BYTES", 64 * 1024)
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        jobs = [{"docId": f"j{i:04d}", "metadata": {"pad": "p" * 2000}} for i in range(300)]
+        assert (await api(daemon, "POST", "/v1/jobs", jobs))[0] == 202
+        path = socket_path(daemon)
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session,
+            session.get("http://relayd/v1/jobs?limit=10000") as resp,
+        ):
+            raw = await resp.read()
+        answer = json.loads(raw)
+        assert answer["truncated"] is True
+        assert len(raw) <= 64 * 1024 + 4096
+        names = [j["docId"] for j in answer["jobs"]]
+        assert names == [f"j{i:04d}" for i in range(299, 299 - len(names), -1)]
+        assert len(names) >= 20
+        status, small = await api(daemon, "GET", "/v1/jobs?limit=5")
+        assert status == 200 and small["truncated"] is False and len(small["jobs"]) == 5
+
+
+async def test_job_detail_shows_at_most_the_latest_50_attempts(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """GET /v1/jobs/{p}/{id} lists the latest 50 delivery attempts, oldest of them first."""
+    async with running(make_config(config_data, tmp_path)) as daemon:
+        [(job, _)] = daemon.accept([Submission("many", "main")], "api")
+        store = daemon.store
+        store.finish_job(
+            job.id,
+            now=1.0,
+            result_status="transcribed",
+            result={},
+            deliveries=[NewDelivery("app", "transcript_ready", "{}")],
+            http_status=200,
+            detail=None,
+        )
+        [delivery] = store.deliveries_for(job.id)
+        for n in range(60):
+            store.record_attempt(
+                delivery.id,
+                now=float(n),
+                duration=0.0,
+                status=500,
+                error=f"HTTP 500 #{n}",
+                outcome="retry",
+                next_attempt_at=1e12,
+            )
+        status, detail = await api(daemon, "GET", "/v1/jobs/main/many")
+    assert status == 200
+    history = detail["deliveries"][0]["history"]
+    assert [a["error"] for a in history] == [f"HTTP 500 #{n}" for n in range(10, 60)]
 
 
 # -- slow and idle clients -------------------------------------------------------------------------
