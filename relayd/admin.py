@@ -112,7 +112,7 @@ class Api:
             self.daemon.metrics.intake.labels("api", "rejected").inc()
             return error(400, str(exc))
         try:
-            stored = self.daemon.accept(subs, "api")
+            stored = await self.daemon.accept_api(subs)
         except StoreError as exc:
             self.daemon.metrics.intake.labels("api", "unavailable").inc()
             return error(503, f"cannot store jobs now: {exc}")

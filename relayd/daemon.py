@@ -26,6 +26,7 @@ from relayd.clock import Clock, SystemClock
 from relayd.config import Config, ConfigError, load_config
 from relayd.delivery import Deliverer
 from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
 from relayd.metrics import Metrics
 from relayd.poller import Poller
@@ -80,6 +81,9 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._socket_bound = False  # only a socket this process bound is removed at exit
+        self._api_intake: GroupCommit[Submission, tuple[Job, bool]] = GroupCommit(
+            lambda subs: self.accept(subs, "api"), (StoreError,)
+        )
         # built in serve(), once there is a running loop
         self.store: Store
         self.poller: Poller
@@ -107,6 +111,10 @@ class Daemon:
             if created:
                 self.poller.add(job)
         return stored
+
+    async def accept_api(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
+        """accept(), sharing a transaction with the API requests that arrive alongside."""
+        return await self._api_intake.add(subs)
 
     # -- running --------------------------------------------------------------------------------
 

@@ -256,19 +256,20 @@ def test_any_bytes_are_taken_whole_or_refused_with_a_reason(data: bytes) -> None
 METADATA = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(10**300), 10**300)
+    | st.integers()
+    | st.sampled_from([10**300, -(10**4299)])  # long, and just under the 4300-digit limit
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=10),
+    | st.text(max_size=6),
     lambda kids: (
-        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3)
+        st.lists(kids, max_size=2) | st.dictionaries(st.text(max_size=4), kids, max_size=2)
     ),
-    max_leaves=4,
+    max_leaves=3,
 )
 GOOD = st.builds(
     Submission,
     doc_id=ID,
     provider=st.sampled_from(sorted(CATALOG.providers)),
-    metadata=st.none() | st.dictionaries(st.text(max_size=5), METADATA, max_size=3),
+    metadata=st.none() | st.dictionaries(st.text(max_size=4), METADATA, max_size=2),
     endpoints=st.none()
     | st.lists(st.sampled_from(["app", "audit"]), min_size=1, max_size=4).map(tuple),
 )
@@ -285,7 +286,7 @@ def as_json(sub: Submission) -> dict[str, Any]:
 
 @PARSER
 @given(
-    subs=st.lists(GOOD, min_size=1, max_size=4),
+    subs=st.lists(GOOD, min_size=1, max_size=3),
     as_list=st.booleans(),
     indent=st.none() | st.integers(0, 3),
     ascii_only=st.booleans(),
@@ -416,7 +417,9 @@ async def test_live_api_takes_bodies_whole_or_refuses_them(
                 assert [j["created"] for j in answer["jobs"]] == firsts
                 known.update(sent)
                 for doc_id in dict.fromkeys(sent):
-                    url = f"http://relayd/v1/jobs/main/{doc_id}"
+                    # "." and ".." are ids, but a URL path segment must spell them %2E
+                    segment = doc_id.replace(".", "%2E") if doc_id in (".", "..") else doc_id
+                    url = URL(f"http://relayd/v1/jobs/main/{segment}", encoded=True)
                     assert (await call(session, "GET", url))[1]["job"]["docId"] == doc_id
             if status != 202:
                 assert answer["error"].strip()
