@@ -90,6 +90,11 @@ BAD: list[tuple[str, bytes, str]] = [
     ("json-string-is-a-line", b'"abc"', "invalid job id '\"abc\"'"),
     ("malformed-json", b'{"docId": "a",', "malformed JSON: Expecting property name"),
     ("malformed-json-position", b'[\n{"docId": }]', "at line 2 column 11"),
+    (
+        "float-overflow",  # json.loads makes it inf, which json.dumps writes as Infinity
+        b'{"docId": "a", "metadata": {"x": -1e999}}',
+        "malformed JSON: number out of range: '-1e999'",
+    ),
     ("empty-list", b"[]", "empty list: no job id in it"),
     ("list-of-numbers", b"[1, 2]", "[0]: expected an object, got a number"),
     ("list-of-lists", b"[[]]", "[0]: expected an object, got a list"),
