@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-MAX_TURNS = 8
+MAX_TURNS = 8  # a bound on the wait for one more request, whatever the load
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -19,10 +19,11 @@ R = TypeVar("R")
 class GroupCommit(Generic[T, R]):
     """Batches calls of `commit` (one transaction over a list, one result per item, in order).
 
-    Who calls `add` in the same turn of the event loop joins the same batch. The store is
-    synchronous, so the loop is busy during a commit, and requests that arrive meanwhile are
-    read together in the next turn: under load, batches grow by themselves; alone, a request
-    waits for no one.
+    A batch opens with the first `add` and stays open, turn by turn of the event loop, while
+    each turn brings someone new (MAX_TURNS at most: an aiohttp request takes a few turns from
+    its socket to its handler). The store is synchronous, so the loop is busy during a commit,
+    and requests that arrive meanwhile are read together afterwards: under load, batches grow
+    by themselves; alone, a request waits a turn or two.
     """
 
     def __init__(
