@@ -155,7 +155,7 @@ class Daemon:
         try:
             recovered = self.poller.load()
             self.spool.prepare()
-            self.spool.scan()
+            await self.spool.take_existing()
             runners = await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 for name, coro in (

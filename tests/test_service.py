@@ -271,7 +271,9 @@ def test_rejections_stay_readable_to_the_spool_group_under_a_private_umask(
     directory.mkdir()
     directory.chmod(0o2770)  # as systemd/relayd.tmpfiles makes it
     catalog = Catalog(frozenset({"main"}), frozenset({"app"}), "main")
-    spool = Spool(directory, catalog=lambda: catalog, accept=lambda subs, source: [])
+    spool = Spool(  # no settle or grace time: the bad file is refused at the first scan
+        directory, catalog=lambda: catalog, accept=lambda subs, source: [], settle=0, grace=0
+    )
     old = os.umask(0o077)
     try:
         spool.prepare()

@@ -1,29 +1,44 @@
 """The spool directory: every regular file dropped in it is a submission, taken whole or moved
-to `rejected/` beside a `NAME.error` that says why. A file is deleted only after its jobs are
-committed; if the store cannot take them, the file stays and is tried again.
+to `rejected/` beside a `NAME.error` that says why. Files are read in batches and each batch is
+one commit; a file is deleted only after that commit, and only if it did not change meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import heapq
 import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import watchfiles
 
-from relayd.intake.envelope import MAX_BYTES, Catalog, IntakeError, Submission, parse_bytes
+from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.spoolfile import (
+    Folder,
+    Inspector,
+    Ready,
+    Refuse,
+    Verdict,
+    Wait,
+    shown,
+    signature,
+)
 from relayd.store import StoreError
 
 log = logging.getLogger("relayd.intake.spool")
 
 REJECTED = "rejected"
 RESCAN = 5.0  # seconds: a full scan even without events (missed events, store retries)
+SETTLE = 0.02  # seconds a file must be left unchanged before it is read
+GRACE = 1.0  # seconds a file that cannot be accepted (or ends mid-line) may still be changing
+BATCH_FILES = 256  # files read per commit (one fsync), and looked at before the loop runs again
+BATCH_JOBS = 5000
+PASS_GAP = 0.01  # seconds between the starts of two passes: at most 100 commits a second
 
 Watch = Callable[[Path, asyncio.Event], AsyncIterator[object]]
 Accept = Callable[[Sequence[Submission], str], object]
@@ -35,17 +50,36 @@ def ignored(name: str) -> bool:
 
 
 async def watch_directory(directory: Path, stop: asyncio.Event) -> AsyncIterator[object]:
-    """Changes in the directory as they settle (watchfiles), and a tick every RESCAN seconds."""
+    """Changes in the directory within ~10 ms (watchfiles), and an empty set every RESCAN
+    seconds without any. Unfiltered: watchfiles' default filter drops names like `x.pyc`."""
     async for changes in watchfiles.awatch(
         directory,
         stop_event=stop,
+        watch_filter=None,
         recursive=False,
-        debounce=400,
-        step=20,
+        debounce=10,
+        step=5,
         rust_timeout=int(RESCAN * 1000),
         yield_on_timeout=True,
     ):
         yield changes
+
+
+def changed_names(changes: object) -> set[str] | None:
+    """Names a watch batch says were added or changed; None for a tick (or anything not a batch
+    of (change, path) pairs): then the whole directory is scanned."""
+    if not isinstance(changes, set | frozenset | list | tuple) or not changes:
+        return None
+    names = set()
+    for item in changes:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return None
+        change, path = item
+        if change != watchfiles.Change.deleted:
+            name = os.path.basename(str(path))
+            if name and not ignored(name):
+                names.add(name)
+    return names
 
 
 class Spool:
@@ -57,15 +91,23 @@ class Spool:
         accept: Accept,
         on_result: Callable[[str], None] = lambda outcome: None,
         watch: Watch = watch_directory,
+        settle: float = SETTLE,
+        grace: float = GRACE,
     ) -> None:
         self.directory = directory
         self.rejected = directory / REJECTED
-        self._catalog = catalog
         self._accept = accept
         self._on_result = on_result
         self._watch = watch
+        self._inspector = Inspector(str(directory), catalog, settle=settle, grace=grace)
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._changed: set[str] = set()  # names the watcher reported since the last pass
+        self._rescan = False
+        self._due: dict[str, float] = {}  # name -> wall time to look at it again
+        self._heap: list[tuple[float, str]] = []  # the same, ordered (stale entries skipped)
         self._failing: set[str] = set()  # files the store could not take yet (log once)
+        self._told: dict[str, str] = {}  # name -> what was logged about it (log once)
         self.error: str | None = None  # set while the store refuses intake
 
     def prepare(self) -> None:
@@ -73,127 +115,276 @@ class Spool:
         try:
             self.rejected.mkdir()
         except FileExistsError:
+            if problem := _unusable(self.rejected):
+                log.error("%s; refused files stay in the spool until it is fixed", problem)
             return
         # Writers (the spool's group) may read why their files were refused, whatever relayd's
         # umask (0077 under systemd, to keep the database private). Keeps an inherited setgid.
         os.chmod(self.rejected, os.stat(self.rejected).st_mode & 0o7000 | 0o750)
 
+    # -- running --------------------------------------------------------------------------------
+
+    async def take_existing(self) -> int:
+        """Take what is in the spool at start-up; a file that was still settling is waited for
+        (at most `settle`), so every finished file is taken before relayd reports ready."""
+        taken = self.scan()
+        soon = [t for t in self._due.values() if t <= time.time() + self._inspector.settle]
+        if soon:
+            await asyncio.sleep(max(soon) - time.time())
+            taken += sum(self._passes(self._pop_due(time.time())))
+        return taken
+
     async def run(self) -> None:
         self.prepare()
-        async for _ in self._watch(self.directory, self._stop):
-            if self._stop.is_set():
-                break
-            self.scan()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._listen(), name="spool-watch")
+            await self._work()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        try:
+            async for changes in self._watch(self.directory, self._stop):
+                names = changed_names(changes)
+                if names is None:
+                    self._rescan = True
+                elif names:
+                    self._changed |= names
+                else:
+                    continue  # only deletions (relayd's own, mostly)
+                self._wake.set()
+        finally:
+            self.stop()  # no watcher, no spool: the daemon reports the loop as stopped
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -PASS_GAP
+        while not self._stop.is_set():
+            due = self._next_due()
+            if not self._wake.is_set() and (due is None or due > time.time()):
+                delay = None if due is None else due - time.time()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+            if (pause := last + PASS_GAP - loop.time()) > 0:
+                await asyncio.sleep(pause)  # let a burst gather: fewer, larger commits
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            last = loop.time()
+            names, self._changed = self._changed, set()
+            names |= self._pop_due(time.time())
+            if self._rescan:
+                self._rescan = False
+                names = set(self._listing()) | names
+            for _ in self._passes(names):
+                await asyncio.sleep(0)  # a burst of files must not stall the API
 
     def scan(self) -> int:
         """Take every file now in the spool, oldest first. Returns how many were taken."""
+        return sum(self._passes(self._listing()))
+
+    def _listing(self) -> list[str]:
         try:
             entries = [e for e in os.scandir(self.directory) if not ignored(e.name)]
         except OSError as exc:
             log.error("cannot read spool directory %s: %s", self.directory, exc)
-            return 0
+            return []
 
         def age(entry: os.DirEntry[str]) -> tuple[float, str]:
             try:
-                return (entry.stat(follow_symlinks=False).st_mtime, entry.name)
+                return (entry.stat(follow_symlinks=False).st_ctime, entry.name)
             except OSError:
                 return (0.0, entry.name)
 
-        taken = 0
-        for entry in sorted(entries, key=age):
+        names = [e.name for e in sorted(entries, key=age)]
+        present = set(names)
+        self._inspector.forget(present)
+        for name in self._told.keys() - present:
+            del self._told[name]
+        return names
+
+    # -- waiting files --------------------------------------------------------------------------
+
+    def _wait(self, name: str, until: float) -> None:
+        if self._due.get(name) != until:
+            self._due[name] = until
+            heapq.heappush(self._heap, (until, name))
+
+    def _next_due(self) -> float | None:
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _pop_due(self, now: float) -> set[str]:
+        out = set()
+        while (due := self._next_due()) is not None and due <= now:
+            _, name = heapq.heappop(self._heap)
+            del self._due[name]
+            out.add(name)
+        return out
+
+    # -- taking files ---------------------------------------------------------------------------
+
+    def _passes(self, names: Iterable[str]) -> Iterator[int]:
+        """Look at each name; commit the files read, BATCH_FILES at a time. Yields how many files
+        each commit took, so the caller can let the event loop run in between."""
+        batch: list[Ready] = []
+        jobs = looked = 0
+        for name in names:
             if self._stop.is_set():
                 break
-            path = Path(entry.path)
-            try:
-                taken += self.take(path)
-            except Exception as exc:  # a bug must not wedge the spool on one file
-                log.exception("unexpected error taking %s", path.name)
-                self._reject(path, f"internal error while reading it: {type(exc).__name__}")
-        return taken
+            if name == REJECTED:
+                continue
+            self._due.pop(name, None)
+            verdict = self._examine(name)
+            looked += 1
+            if isinstance(verdict, Ready):
+                batch.append(verdict)
+                jobs += len(verdict.subs)
+            elif isinstance(verdict, Wait):
+                self._wait(name, verdict.until)
+            elif isinstance(verdict, Refuse):
+                self._reject(name, verdict.reason)
+            elif isinstance(verdict, Folder):
+                self._tell(
+                    name,
+                    "folder",
+                    log.warning,
+                    "%s/ is a folder, not a submission: "
+                    "relayd leaves it alone and does not look inside",
+                    shown(name),
+                )
+            if looked >= BATCH_FILES or jobs >= BATCH_JOBS:
+                yield self._commit(batch)
+                batch, jobs, looked = [], 0, 0
+        yield self._commit(batch)
 
-    def take(self, path: Path) -> int:
+    def _examine(self, name: str) -> Verdict:
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+            return self._inspector.examine(name, time.time())
+        except Exception as exc:  # a bug must not wedge the spool on one file
+            log.exception("unexpected error reading %s", shown(name))
+            return Refuse(f"internal error while reading it: {type(exc).__name__}")
+
+    def _commit(self, batch: list[Ready]) -> int:
+        """Store the jobs of every file in `batch` in one transaction, then delete the files."""
+        if not batch:
             return 0
-        if stat.S_ISDIR(st.st_mode):
-            return 0  # rejected/ and any folder someone made: not submissions
-        if stat.S_ISLNK(st.st_mode):
-            return self._reject(path, "symbolic links are not accepted: move the file itself in")
-        if not stat.S_ISREG(st.st_mode):
-            return self._reject(path, "not a regular file (FIFO, socket or device)")
-        if st.st_size > MAX_BYTES:
-            return self._reject(
-                path, f"too large: {st.st_size} bytes, the limit is {MAX_BYTES} (split it)"
-            )
         try:
-            data = _read(path)
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            return self._reject(path, f"cannot read: {exc.strerror or exc}")
-        try:
-            subs = parse_bytes(data, self._catalog())
-        except IntakeError as exc:
-            return self._reject(path, str(exc))
-        try:
-            self._accept(subs, "spool")
+            self._accept([sub for ready in batch for sub in ready.subs], "spool")
         except StoreError as exc:
             self.error = str(exc)
-            if path.name not in self._failing:
-                self._failing.add(path.name)
-                log.error("cannot store %s, it stays in the spool: %s", path.name, exc)
-            self._on_result("unavailable")
+            for ready in batch:
+                if ready.name not in self._failing:
+                    self._failing.add(ready.name)
+                    log.error("cannot store %s, it stays in the spool: %s", shown(ready.name), exc)
+                self._on_result("unavailable")
+            return 0
+        except Exception as exc:
+            if len(batch) > 1:  # find the file that breaks it; take the others
+                return sum(self._commit([ready]) for ready in batch)
+            log.exception("unexpected error storing %s", shown(batch[0].name))
+            self._reject(batch[0].name, f"internal error while storing it: {type(exc).__name__}")
             return 0
         self.error = None
-        self._failing.discard(path.name)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        self._on_result("accepted")
-        log.info("took %s: %d job(s)", path.name, len(subs))
-        return 1
+        for ready in batch:
+            self._done(ready)
+        return len(batch)
 
-    def _reject(self, path: Path, reason: str) -> int:
-        target = self.rejected / path.name
-        n = 1
-        while target.exists() or target.is_symlink():
-            target = self.rejected / f"{path.name}.{n}"
-            n += 1
+    def _done(self, ready: Ready) -> None:
+        """Its jobs are committed: delete the file, unless it changed since it was read (a writer
+        still at it, or a new file under the same name): then it is read again."""
+        self._failing.discard(ready.name)
+        path = os.path.join(self.directory, ready.name)
         try:
-            os.rename(path, target)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            note = Path(f"{target}.error")
-            note.write_text(f"{stamp} {path.name}: {reason}\n")
-            note.chmod(0o640)
+            if signature(os.lstat(path)) != ready.sig:
+                log.info("%s changed while it was being taken: reading it again", shown(ready.name))
+                self._wait(ready.name, time.time())
+                return
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._on_result("accepted")
+        log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
+
+    def _reject(self, name: str, reason: str) -> None:
+        try:
+            moved = _move_to_rejected(self.directory, self.rejected, name, reason)
         except OSError as exc:
-            log.error("cannot move %s to rejected/: %s (reason: %s)", path.name, exc, reason)
-            return 0
-        self._on_result("rejected")
-        log.warning("rejected %s: %s", path.name, reason)
-        return 0
+            problem = exc.strerror if isinstance(exc.strerror, str) else str(exc)
+            self._tell(
+                name,
+                "stuck",
+                log.error,
+                "cannot move %s to rejected/: %s (reason: %s)",
+                shown(name),
+                problem,
+                reason,
+            )
+            return
+        self._told.pop(name, None)
+        if moved:
+            self._on_result("rejected")
+            log.warning("rejected %s: %s", shown(name), reason)
+
+    def _tell(self, name: str, what: str, say: Callable[..., None], *args: object) -> None:
+        """Log about a file that stays where it is once, not at every scan."""
+        if self._told.get(name) != what:
+            self._told[name] = what
+            say(*args)
 
 
-def _read(path: Path) -> bytes:
-    """Read without following a symlink swapped in after lstat, and without blocking on a FIFO."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+def _unusable(rejected: Path) -> str | None:
+    """Why rejected/ must not be written into: relayd writes only into a real folder of its own,
+    so a spool member cannot redirect those writes (a symlink, or a folder they made)."""
     try:
-        fd = os.open(path, flags)
+        st = os.lstat(rejected)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "symbolic links are not accepted") from None
-        raise
+        return f"{rejected}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{rejected} is not a folder (a link or a file)"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"{rejected} belongs to uid {st.st_uid}, not to relayd: remove it, relayd makes it"
+    return None
+
+
+def _move_to_rejected(directory: Path, rejected: Path, name: str, reason: str) -> bool:
+    """Move `name` (whatever it is: the link itself, not its target) into rejected/ and write
+    NAME.error beside it. False if the file was gone already. Raises OSError."""
+    fd = os.open(rejected, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        chunks, size = [], 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_BYTES:
-                break
-        return b"".join(chunks)
+        owner = os.fstat(fd).st_uid
+        if owner not in (os.geteuid(), 0):
+            raise OSError(f"rejected/ belongs to uid {owner}, not to relayd: remove it")
+        target, n = name, 1
+        while _exists(target, fd) or _exists(f"{target}.error", fd):
+            target, n = f"{name}.{n}", n + 1
+        try:
+            os.rename(os.path.join(directory, name), target, dst_dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        note = os.open(
+            f"{target}.error",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o640,
+            dir_fd=fd,
+        )
+        with open(note, "wb") as out:
+            os.fchmod(note, 0o640)  # the group may read it whatever relayd's umask
+            out.write(f"{stamp} {shown(name)}: {reason}\n".encode("utf-8", "backslashreplace"))
+        return True
     finally:
         os.close(fd)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
