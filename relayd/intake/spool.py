@@ -36,8 +36,12 @@ REJECTED = "rejected"
 RESCAN = 5.0  # seconds: a full scan even without events (missed events, store retries)
 SETTLE = 0.02  # seconds a file must be left unchanged before it is read
 GRACE = 1.0  # seconds a file that cannot be accepted (or ends mid-line) may still be changing
-BATCH_FILES = 256  # files read per commit (one fsync), and looked at before the loop runs again
+# One commit (one fsync) per batch; the event loop runs between batches. A batch ends after
+# BATCH_FILES files, BATCH_JOBS jobs or BATCH_SECONDS of reading, whichever comes first: on a
+# busy disk each file costs more, so batches shrink and the loop still runs every few 10 ms.
+BATCH_FILES = 256
 BATCH_JOBS = 5000
+BATCH_SECONDS = 0.02
 PASS_GAP = 0.01  # seconds between the starts of two passes: at most 100 commits a second
 
 Watch = Callable[[Path, asyncio.Event], AsyncIterator[object]]
@@ -107,6 +111,7 @@ class Spool:
         self._due: dict[str, float] = {}  # name -> wall time to look at it again
         self._heap: list[tuple[float, str]] = []  # the same, ordered (stale entries skipped)
         self._failing: set[str] = set()  # files the store could not take yet (log once)
+        self._deleting: set[str] = set()  # committed files a thread is deleting right now
         self._told: dict[str, str] = {}  # name -> what was logged about it (log once)
         self.error: str | None = None  # set while the store refuses intake
 
@@ -131,7 +136,7 @@ class Spool:
         soon = [t for t in self._due.values() if t <= time.time() + self._inspector.settle]
         if soon:
             await asyncio.sleep(max(soon) - time.time())
-            taken += sum(self._passes(self._pop_due(time.time())))
+            taken += sum(map(self._finish, self._passes(self._pop_due(time.time()))))
         return taken
 
     async def run(self) -> None:
@@ -179,12 +184,32 @@ class Spool:
             if self._rescan:
                 self._rescan = False
                 names = set(self._listing()) | names
-            for _ in self._passes(names):
-                await asyncio.sleep(0)  # a burst of files must not stall the API
+            await self._take(names)
+
+    async def _take(self, names: Iterable[str]) -> None:
+        """Take files batch by batch, letting the event loop run between batches. A batch's
+        files are deleted in a thread (unlinks can stall on a busy directory) while the next
+        batch is read and committed; a file being deleted is not looked at meanwhile."""
+        deleting: asyncio.Future[list[str]] | None = None
+        for committed in self._passes(names):
+            if deleting is not None:
+                self._deleted(await deleting)
+                deleting = None
+            if committed:
+                self._deleting = {ready.name for ready in committed}
+                deleting = asyncio.ensure_future(asyncio.to_thread(self._delete, committed))
+            await asyncio.sleep(0)
+        if deleting is not None:
+            self._deleted(await deleting)
+
+    def _deleted(self, again: list[str]) -> None:
+        self._deleting = set()
+        for name in again:
+            self._wait(name, time.time())
 
     def scan(self) -> int:
         """Take every file now in the spool, oldest first. Returns how many were taken."""
-        return sum(self._passes(self._listing()))
+        return sum(map(self._finish, self._passes(self._listing())))
 
     def _listing(self) -> list[str]:
         try:
@@ -229,15 +254,16 @@ class Spool:
 
     # -- taking files ---------------------------------------------------------------------------
 
-    def _passes(self, names: Iterable[str]) -> Iterator[int]:
-        """Look at each name; commit the files read, BATCH_FILES at a time. Yields how many files
-        each commit took, so the caller can let the event loop run in between."""
+    def _passes(self, names: Iterable[str]) -> Iterator[list[Ready]]:
+        """Look at each name; commit the files read in batches. Yields each batch once its
+        commit is done, for the caller to _finish (and to let the event loop run meanwhile)."""
         batch: list[Ready] = []
         jobs = looked = 0
+        started = time.perf_counter()
         for name in names:
             if self._stop.is_set():
                 break
-            if name == REJECTED:
+            if name == REJECTED or name in self._deleting:
                 continue
             self._due.pop(name, None)
             verdict = self._examine(name)
@@ -254,13 +280,18 @@ class Spool:
                     name,
                     "folder",
                     log.warning,
-                    "%s/ is a folder, not a submission: "
-                    "relayd leaves it alone and does not look inside",
+                    "%s/ is a folder, not a submission: relayd leaves it alone and does not "
+                    "look inside",
                     shown(name),
                 )
-            if looked >= BATCH_FILES or jobs >= BATCH_JOBS:
+            if (
+                looked >= BATCH_FILES
+                or jobs >= BATCH_JOBS
+                or time.perf_counter() - started >= BATCH_SECONDS
+            ):
                 yield self._commit(batch)
                 batch, jobs, looked = [], 0, 0
+                started = time.perf_counter()
         yield self._commit(batch)
 
     def _examine(self, name: str) -> Verdict:
@@ -270,10 +301,11 @@ class Spool:
             log.exception("unexpected error reading %s", shown(name))
             return Refuse(f"internal error while reading it: {type(exc).__name__}")
 
-    def _commit(self, batch: list[Ready]) -> int:
-        """Store the jobs of every file in `batch` in one transaction, then delete the files."""
+    def _commit(self, batch: list[Ready]) -> list[Ready]:
+        """Store the jobs of every file in `batch` in one transaction; returns the files whose
+        jobs are now committed."""
         if not batch:
-            return 0
+            return []
         try:
             self._accept([sub for ready in batch for sub in ready.subs], "spool")
         except StoreError as exc:
@@ -283,33 +315,40 @@ class Spool:
                     self._failing.add(ready.name)
                     log.error("cannot store %s, it stays in the spool: %s", shown(ready.name), exc)
                 self._on_result("unavailable")
-            return 0
+            return []
         except Exception as exc:
             if len(batch) > 1:  # find the file that breaks it; take the others
-                return sum(self._commit([ready]) for ready in batch)
+                return [ready for one in batch for ready in self._commit([one])]
             log.exception("unexpected error storing %s", shown(batch[0].name))
             self._reject(batch[0].name, f"internal error while storing it: {type(exc).__name__}")
-            return 0
+            return []
         self.error = None
-        for ready in batch:
-            self._done(ready)
-        return len(batch)
+        return batch
 
-    def _done(self, ready: Ready) -> None:
-        """Its jobs are committed: delete the file, unless it changed since it was read (a writer
-        still at it, or a new file under the same name): then it is read again."""
-        self._failing.discard(ready.name)
-        path = os.path.join(self.directory, ready.name)
-        try:
-            if signature(os.lstat(path)) != ready.sig:
-                log.info("%s changed while it was being taken: reading it again", shown(ready.name))
-                self._wait(ready.name, time.time())
-                return
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self._on_result("accepted")
-        log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
+    def _finish(self, committed: list[Ready]) -> int:
+        again = self._delete(committed)
+        self._deleted(again)
+        return len(committed) - len(again)
+
+    def _delete(self, committed: list[Ready]) -> list[str]:
+        """Their jobs are committed: delete each file, unless it changed since it was read (a
+        writer still at it, or a new file under the same name). Returns the names to read
+        again. Touches only the filesystem, the log and metrics: it may run in a thread."""
+        again = []
+        for ready in committed:
+            self._failing.discard(ready.name)
+            path = os.path.join(self.directory, ready.name)
+            try:
+                if signature(os.lstat(path)) != ready.sig:
+                    log.info("%s changed while being taken: reading it again", shown(ready.name))
+                    again.append(ready.name)
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            self._on_result("accepted")
+            log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
+        return again
 
     def _reject(self, name: str, reason: str) -> None:
         try:
