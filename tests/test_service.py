@@ -207,8 +207,9 @@ async def test_metrics_operators_alert_on(
     try:
         async with running(config) as daemon:
             await api(daemon, "POST", "/v1/jobs", [{"docId": "quick-job"}, {"docId": "slow-job"}])
-            (config.settings.spool_dir / "two.txt").write_text("spool-1\nspool-2\n")
-            daemon.spool.scan()
+            spooled = config.settings.spool_dir / "two.txt"
+            spooled.write_text("spool-1\nspool-2\n")
+            await eventually(lambda: not spooled.exists(), what="the spool file taken")
 
             def quiet() -> bool:  # the dead letter is in, and no other delivery is under way
                 counts = daemon.store.delivery_counts()

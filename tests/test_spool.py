@@ -451,6 +451,7 @@ async def test_burst_taken_once_each_while_api_answers(
         assert await writer.wait() == 0
         status, health = await api(daemon, "GET", "/healthz")
         await eventually(lambda: len(daemon.store.list_jobs(limit=n + 1)) == n, timeout=20)
+        await eventually(lambda: [p.name for p in spool.iterdir()] == ["rejected"], timeout=5)
         _, metrics = await api(daemon, "GET", "/metrics")
     assert (status, health) == (200, {"status": "ok"})
     intake = {

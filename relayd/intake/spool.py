@@ -191,19 +191,21 @@ class Spool:
         files are deleted in a thread (unlinks can stall on a busy directory) while the next
         batch is read and committed; a file being deleted is not looked at meanwhile."""
         deleting: asyncio.Future[list[str]] | None = None
+        deleted: list[Ready] = []
         for committed in self._passes(names):
             if deleting is not None:
-                self._deleted(await deleting)
+                self._deleted(deleted, await deleting)
                 deleting = None
             if committed:
-                self._deleting = {ready.name for ready in committed}
+                deleted = committed
+                self._deleting.update(ready.name for ready in committed)
                 deleting = asyncio.ensure_future(asyncio.to_thread(self._delete, committed))
             await asyncio.sleep(0)
         if deleting is not None:
-            self._deleted(await deleting)
+            self._deleted(deleted, await deleting)
 
-    def _deleted(self, again: list[str]) -> None:
-        self._deleting = set()
+    def _deleted(self, committed: list[Ready], again: list[str]) -> None:
+        self._deleting.difference_update(ready.name for ready in committed)
         for name in again:
             self._wait(name, time.time())
 
@@ -327,7 +329,7 @@ class Spool:
 
     def _finish(self, committed: list[Ready]) -> int:
         again = self._delete(committed)
-        self._deleted(again)
+        self._deleted(committed, again)
         return len(committed) - len(again)
 
     def _delete(self, committed: list[Ready]) -> list[str]:
@@ -343,11 +345,16 @@ class Spool:
                     log.info("%s changed while being taken: reading it again", shown(ready.name))
                     again.append(ready.name)
                     continue
+            except FileNotFoundError:
+                pass  # someone removed it; its jobs are committed all the same
+            self._on_result("accepted")  # before the unlink: a file gone is a file counted
+            log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
+            try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            self._on_result("accepted")
-            log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
+            except OSError as exc:  # e.g. a read-only remount: it stays, to be taken again
+                log.error("cannot delete %s after taking it: %s", shown(ready.name), exc)
         return again
 
     def _reject(self, name: str, reason: str) -> None:
