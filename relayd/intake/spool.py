@@ -111,7 +111,8 @@ class Spool:
         self._due: dict[str, float] = {}  # name -> wall time to look at it again
         self._heap: list[tuple[float, str]] = []  # the same, ordered (stale entries skipped)
         self._failing: set[str] = set()  # files the store could not take yet (log once)
-        self._deleting: set[str] = set()  # committed files a thread is deleting right now
+        self._committed: asyncio.Queue[list[Ready]] = asyncio.Queue()  # batches to delete
+        self._deleting: set[str] = set()  # their files: committed, not deleted yet
         self._told: dict[str, str] = {}  # name -> what was logged about it (log once)
         self.error: str | None = None  # set while the store refuses intake
 
@@ -143,7 +144,10 @@ class Spool:
         self.prepare()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._listen(), name="spool-watch")
+            deleter = tg.create_task(self._delete_committed(), name="spool-delete")
             await self._work()
+            await self._committed.join()  # every committed file deleted before the loop ends
+            deleter.cancel()
 
     def stop(self) -> None:
         self._stop.set()
@@ -187,22 +191,23 @@ class Spool:
             await self._take(names)
 
     async def _take(self, names: Iterable[str]) -> None:
-        """Take files batch by batch, letting the event loop run between batches. A batch's
-        files are deleted in a thread (unlinks can stall on a busy directory) while the next
-        batch is read and committed; a file being deleted is not looked at meanwhile."""
-        deleting: asyncio.Future[list[str]] | None = None
-        deleted: list[Ready] = []
+        """Take files batch by batch, letting the event loop run between batches; committed
+        batches go to the deleter, and a file waiting for it is not looked at meanwhile."""
         for committed in self._passes(names):
-            if deleting is not None:
-                self._deleted(deleted, await deleting)
-                deleting = None
             if committed:
-                deleted = committed
                 self._deleting.update(ready.name for ready in committed)
-                deleting = asyncio.ensure_future(asyncio.to_thread(self._delete, committed))
+                self._committed.put_nowait(committed)
             await asyncio.sleep(0)
-        if deleting is not None:
-            self._deleted(deleted, await deleting)
+
+    async def _delete_committed(self) -> None:
+        """Delete committed files in a thread, batch after batch, behind the reading: unlinks
+        stall on a directory that writers keep busy, and taking files must not wait for them."""
+        while True:
+            committed = await self._committed.get()
+            try:
+                self._deleted(committed, await asyncio.to_thread(self._delete, committed))
+            finally:
+                self._committed.task_done()
 
     def _deleted(self, committed: list[Ready], again: list[str]) -> None:
         self._deleting.difference_update(ready.name for ready in committed)

@@ -123,8 +123,8 @@ class Inspector:
         if (before.st_dev, before.st_ino) != (st.st_dev, st.st_ino):
             return Wait(now + self.settle)  # another file took the name meanwhile: look again
         sig = signature(after)
-        if sig != signature(before):
-            return Wait(now + self.settle)  # written to while being read
+        if sig != signature(before) or len(data) != after.st_size:
+            return Wait(now + self.settle)  # written to while being read, or read short
         try:
             subs = parse_bytes(data, self._catalog())
         except IntakeError as exc:
@@ -181,7 +181,7 @@ def _read(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
         while chunk := os.read(fd, want):
             chunks.append(chunk)
             size += len(chunk)
-            if size > MAX_BYTES:
+            if size > MAX_BYTES or len(chunk) < want:  # a short read of a file is its end
                 break
             want = min(65536, MAX_BYTES + 1 - size)
         return b"".join(chunks), before, os.fstat(fd)
