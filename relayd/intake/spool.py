@@ -41,8 +41,8 @@ GRACE = 1.0  # seconds a file that cannot be accepted (or ends mid-line) may sti
 # busy disk each file costs more, so batches shrink and the loop still runs every few 10 ms.
 BATCH_FILES = 256
 BATCH_JOBS = 5000
-BATCH_SECONDS = 0.02
-PASS_GAP = 0.01  # seconds between the starts of two passes: at most 100 commits a second
+BATCH_SECONDS = 0.01
+PASS_GAP = 0.01  # seconds between the starts of two passes: files trickling in share a commit
 
 Watch = Callable[[Path, asyncio.Event], AsyncIterator[object]]
 Accept = Callable[[Sequence[Submission], str], object]
