@@ -1,0 +1,228 @@
+"""A burst of spool files: how long each waits between its rename into the spool and the commit
+of its job, while the API keeps answering.
+
+    .venv/bin/python benchmarks/spool_burst.py [--files 10000] [--mode write|rename|both]
+
+The real daemon runs in this process (logging at info to a file, as in production). A writer in
+its own process drops the files, each holding one job id, with the rename convention:
+`write` writes `.NAME.tmp` in the spool and renames it at once, file after file, as fast as it
+can (what a busy submitter does); `rename` writes all 10,000 `.tmp` files first, then renames
+them in a tight loop (a harsher burst: `mv` of a finished batch). The writer notes the wall time
+just before each rename; relayd's accept path notes the wall time just after each commit.
+Meanwhile `/healthz` is asked over the unix socket every 10 ms, and a ticker measures how late
+the event loop runs a 5 ms sleep.
+
+Baseline, in the same run: the same ids through `Store.add_jobs`, one call (one commit) per
+file, with no spool at all: what taking files one by one costs in commits alone. In `write`
+mode the writer sets the pace (taken/s ~ arrival/s when relayd keeps up); `rename` mode shows
+how fast relayd can take files at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from relayd.config import parse_config
+from relayd.daemon import Daemon
+from relayd.intake.envelope import Submission
+from relayd.intake.spool import SETTLE
+from relayd.logs import TextFormatter
+from relayd.store import Job, Store
+
+WRITER = r"""
+import json, os, sys, time
+spool, n, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def write(i):
+    tmp = f"{spool}/.burst-{i}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    os.write(fd, f"burst-{i}\n".encode())
+    os.close(fd)
+    return tmp
+renamed = []
+if mode == "rename":
+    tmps = [write(i) for i in range(n)]
+    for i, tmp in enumerate(tmps):
+        renamed.append(time.time())
+        os.rename(tmp, f"{spool}/burst-{i}.txt")
+else:
+    for i in range(n):
+        tmp = write(i)
+        renamed.append(time.time())
+        os.rename(tmp, f"{spool}/burst-{i}.txt")
+with open(out, "w") as f:
+    json.dump(renamed, f)
+"""
+
+
+class TimedDaemon(Daemon):
+    """The real daemon; notes when each job's commit returned, and how often each id came in."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.stored: dict[str, float] = {}
+        self.submitted: collections.Counter[str] = collections.Counter()
+        self.commits = 0
+
+    def accept(self, subs: Sequence[Submission], source: str) -> list[tuple[Job, bool]]:
+        out = super().accept(subs, source)
+        now = time.time()
+        self.commits += 1
+        for sub in subs:
+            self.stored.setdefault(sub.doc_id, now)
+            self.submitted[sub.doc_id] += 1
+        return out
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def burst(n: int, mode: str, tmp: Path) -> dict[str, float]:
+    raw = {
+        "relayd": {"state_dir": str(tmp / "state"), "spool_dir": str(tmp / "spool"),
+                   "socket": str(tmp / "relayd.sock"), "http": ""},
+        "providers": {"main": {"kind": "xosum", "base_url": "http://127.0.0.1:9",
+                               "api_key": "env:BENCH_KEY", "rate_limit": 1, "rate_window": "1h",
+                               "endpoints": ["app"]}},
+        "endpoints": {"app": {"url": "http://127.0.0.1:9/hook"}},
+    }  # fmt: skip
+    config = parse_config(raw, base_dir=tmp, env={"BENCH_KEY": "bench-key"})
+    daemon = TimedDaemon(config)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(daemon.serve(stop.wait))
+    await daemon.ready.wait()
+    spool = config.settings.spool_dir
+    times_file = tmp / "renamed.json"
+    health: list[float] = []
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def ping() -> None:
+        connector = aiohttp.UnixConnector(path=str(config.settings.socket))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while not done.is_set():
+                t = time.perf_counter()
+                async with session.get("http://relayd/healthz") as resp:
+                    assert resp.status == 200, resp.status
+                    await resp.read()
+                health.append(time.perf_counter() - t)
+                await asyncio.sleep(0.01)
+
+    async def tick() -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - t - 0.005)
+
+    watchers = [asyncio.create_task(ping()), asyncio.create_task(tick())]
+    cpu = time.process_time()
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(spool), str(n), mode, str(times_file)
+    )
+    assert await writer.wait() == 0
+    renamed = json.loads(times_file.read_text())
+    deadline = time.time() + 120
+    while len(daemon.stored) < n and time.time() < deadline:  # noqa: ASYNC110 - polls a dict
+        await asyncio.sleep(0.05)
+    cpu = time.process_time() - cpu
+    done.set()
+    await asyncio.gather(*watchers)
+    while len(list(spool.iterdir())) > 1 and time.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # the last batch may still be being deleted
+    left = [p.name for p in spool.iterdir() if p.name != "rejected"]
+    stop.set()
+    await serving
+    ids = [f"burst-{i}" for i in range(n)]
+    missing = [d for d in ids if d not in daemon.stored]
+    if missing or left:
+        raise SystemExit(f"{mode}: {len(missing)} job(s) not stored, {len(left)} file(s) left")
+    latency = [daemon.stored[d] - renamed[i] for i, d in enumerate(ids)]
+    return {
+        "p50": pct(latency, 50),
+        "p95": pct(latency, 95),
+        "p99": pct(latency, 99),
+        "max": max(latency),
+        "arrival/s": n / (renamed[-1] - renamed[0]),
+        "taken/s": n / (max(daemon.stored.values()) - renamed[0]),
+        "commits": daemon.commits,
+        "twice": sum(1 for c in daemon.submitted.values() if c > 1),
+        "healthz p99": pct(health, 99),
+        "healthz max": max(health),
+        "lag max": max(lags),
+        "cpu ms/file": cpu * 1000 / n,
+    }
+
+
+def baseline(n: int, tmp: Path) -> float:
+    """Files/s when every file is its own commit: add_jobs once per id, nothing else."""
+    store = Store(tmp / "baseline.db")
+    started = time.perf_counter()
+    for i in range(n):
+        store.add_jobs([Submission(f"base-{i}", "main")], source="spool", now=time.time())
+    elapsed = time.perf_counter() - started
+    store.close()
+    return n / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--mode", choices=("write", "rename", "both"), default="both")
+    args = parser.parse_args()
+    n = args.files
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # other work on the machine
+    modes = ["write", "rename"] if args.mode == "both" else [args.mode]
+    with tempfile.TemporaryDirectory(prefix="relayd-spool-") as name:
+        tmp = Path(name)
+        handler = logging.FileHandler(tmp / "relayd.log")
+        handler.setFormatter(TextFormatter())
+        relayd_log = logging.getLogger("relayd")
+        relayd_log.handlers[:] = [handler]
+        relayd_log.setLevel(logging.INFO)
+        relayd_log.propagate = False
+        results = {}
+        for mode in modes:
+            results[mode] = await burst(n, mode, tmp / mode)
+        base = baseline(n, tmp)
+        log_lines = sum(1 for _ in (tmp / "relayd.log").open())
+    print(
+        f"{n} spool files, one job id each; settle time {SETTLE * 1000:.0f} ms;"
+        f" load average before: {load}"
+    )
+    print("latency = ms from the rename into the spool to the commit of the file's job")
+    print(
+        "               arrival/s taken/s commits    p50    p95    p99    max"
+        "  healthz p99/max  lag max  CPU ms/file"
+    )
+    for mode, r in results.items():
+        print(
+            f"relayd {mode:<6} {r['arrival/s']:9.0f} {r['taken/s']:7.0f} {r['commits']:7.0f}"
+            f" {r['p50'] * 1e3:6.1f} {r['p95'] * 1e3:6.1f} {r['p99'] * 1e3:6.1f}"
+            f" {r['max'] * 1e3:6.1f}    {r['healthz p99'] * 1e3:5.1f}/{r['healthz max'] * 1e3:5.1f}"
+            f"   {r['lag max'] * 1e3:6.1f}  {r['cpu ms/file']:11.3f}"
+        )
+        if r["twice"]:
+            print(f"  !! {r['twice']:.0f} id(s) submitted twice")
+    print(f"baseline: one add_jobs commit per file, no spool: {base:.0f} files/s")
+    for mode, r in results.items():
+        print(f"ratio relayd {mode}/baseline files/s: {r['taken/s'] / base:.2f}x")
+    print(f"({log_lines} log lines written)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
