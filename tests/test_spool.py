@@ -401,17 +401,24 @@ def test_error_notes_are_group_readable_and_names_escaped(tmp_path: Path) -> Non
     assert text.count("\n") == 1 and "'odd\\nname\\udcff.txt'" in text
 
 
+def scripted(batches: asyncio.Queue[object]) -> Any:
+    """A watcher that reports what the test puts in `batches`, until the spool stops."""
+
+    async def watch(directory: Path, stop: asyncio.Event) -> Any:
+        while not stop.is_set():
+            try:
+                batch = await asyncio.wait_for(batches.get(), 0.05)
+            except TimeoutError:
+                continue
+            yield batch
+
+    return watch
+
+
 async def test_watch_events_take_named_files_and_ticks_scan_all(tmp_path: Path) -> None:
     """A watch batch takes the files it names; an empty batch (the RESCAN tick) scans all."""
     batches: asyncio.Queue[object] = asyncio.Queue()
-
-    async def scripted(directory: Path, stop: asyncio.Event) -> Any:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    yield await batches.get()
-
-    spool, taken, directory = make_spool(tmp_path, watch=scripted)
+    spool, taken, directory = make_spool(tmp_path, watch=scripted(batches))
     task = asyncio.create_task(spool.run())
     (directory / "named.txt").write_text("named-1\n")
     (directory / "quiet.txt").write_text("quiet-1\n")
@@ -421,6 +428,37 @@ async def test_watch_events_take_named_files_and_ticks_scan_all(tmp_path: Path) 
     await eventually(lambda: taken.ids == ["named-1", "quiet-1"], timeout=2)
     spool.stop()
     await asyncio.wait_for(task, 2)
+
+
+async def test_new_file_arriving_while_its_name_is_deleted_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file renamed onto a name whose old file was just deleted (its event coming while
+    the delete is still being finished) is taken too, not left for the next RESCAN."""
+    batches: asyncio.Queue[object] = asyncio.Queue()
+    spool, taken, directory = make_spool(tmp_path, watch=scripted(batches))
+    loop = asyncio.get_running_loop()
+    path = directory / "same.txt"
+    real_delete = Spool._delete
+
+    def slow_delete(self: Spool, committed: Any) -> list[str]:
+        again = real_delete(self, committed)
+        if not (directory / ".next.tmp").exists() and taken.ids == ["old-1"]:
+            (directory / ".next.tmp").write_text("new-1\n")
+            os.rename(directory / ".next.tmp", path)
+            event = {(watchfiles.Change.added, str(path))}
+            loop.call_soon_threadsafe(batches.put_nowait, event)
+            time.sleep(0.2)  # the event is handled while this delete is still "in flight"
+        return again
+
+    monkeypatch.setattr(Spool, "_delete", slow_delete)
+    task = asyncio.create_task(spool.run())
+    path.write_text("old-1\n")
+    await batches.put({(watchfiles.Change.added, str(path))})
+    await eventually(lambda: taken.ids == ["old-1", "new-1"], timeout=2)
+    spool.stop()
+    await asyncio.wait_for(task, 2)
+    assert not path.exists()
 
 
 WRITER = """

@@ -10,7 +10,6 @@ import contextlib
 import heapq
 import logging
 import os
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import watchfiles
 
 from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.rejected import move_to_rejected, unusable
 from relayd.intake.spoolfile import (
     Folder,
     Inspector,
@@ -113,6 +113,7 @@ class Spool:
         self._failing: set[str] = set()  # files the store could not take yet (log once)
         self._committed: asyncio.Queue[list[Ready]] = asyncio.Queue()  # batches to delete
         self._deleting: set[str] = set()  # their files: committed, not deleted yet
+        self._recheck: set[str] = set()  # of those, names an event came for meanwhile
         self._told: dict[str, str] = {}  # name -> what was logged about it (log once)
         self.error: str | None = None  # set while the store refuses intake
 
@@ -121,7 +122,7 @@ class Spool:
         try:
             self.rejected.mkdir()
         except FileExistsError:
-            if problem := _unusable(self.rejected):
+            if problem := unusable(self.rejected):
                 log.error("%s; refused files stay in the spool until it is fixed", problem)
             return
         # Writers (the spool's group) may read why their files were refused, whatever relayd's
@@ -210,9 +211,14 @@ class Spool:
                 self._committed.task_done()
 
     def _deleted(self, committed: list[Ready], again: list[str]) -> None:
-        self._deleting.difference_update(ready.name for ready in committed)
-        for name in again:
+        names = {ready.name for ready in committed}
+        self._deleting -= names
+        look = (self._recheck & names).union(again)
+        self._recheck -= names
+        for name in look:
             self._wait(name, time.time())
+        if look:
+            self._wake.set()  # _work may be asleep with no file due
 
     def scan(self) -> int:
         """Take every file now in the spool, oldest first. Returns how many were taken."""
@@ -270,7 +276,10 @@ class Spool:
         for name in names:
             if self._stop.is_set():
                 break
-            if name == REJECTED or name in self._deleting:
+            if name == REJECTED:
+                continue
+            if name in self._deleting:
+                self._recheck.add(name)  # a new file under that name, maybe: after the delete
                 continue
             self._due.pop(name, None)
             verdict = self._examine(name)
@@ -364,7 +373,7 @@ class Spool:
 
     def _reject(self, name: str, reason: str) -> None:
         try:
-            moved = _move_to_rejected(self.directory, self.rejected, name, reason)
+            moved = move_to_rejected(self.directory, self.rejected, name, reason)
         except OSError as exc:
             problem = exc.strerror if isinstance(exc.strerror, str) else str(exc)
             self._tell(
@@ -387,55 +396,3 @@ class Spool:
         if self._told.get(name) != what:
             self._told[name] = what
             say(*args)
-
-
-def _unusable(rejected: Path) -> str | None:
-    """Why rejected/ must not be written into: relayd writes only into a real folder of its own,
-    so a spool member cannot redirect those writes (a symlink, or a folder they made)."""
-    try:
-        st = os.lstat(rejected)
-    except OSError as exc:
-        return f"{rejected}: {exc.strerror}"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{rejected} is not a folder (a link or a file)"
-    if st.st_uid not in (os.geteuid(), 0):
-        return f"{rejected} belongs to uid {st.st_uid}, not to relayd: remove it, relayd makes it"
-    return None
-
-
-def _move_to_rejected(directory: Path, rejected: Path, name: str, reason: str) -> bool:
-    """Move `name` (whatever it is: the link itself, not its target) into rejected/ and write
-    NAME.error beside it. False if the file was gone already. Raises OSError."""
-    fd = os.open(rejected, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        owner = os.fstat(fd).st_uid
-        if owner not in (os.geteuid(), 0):
-            raise OSError(f"rejected/ belongs to uid {owner}, not to relayd: remove it")
-        target, n = name, 1
-        while _exists(target, fd) or _exists(f"{target}.error", fd):
-            target, n = f"{name}.{n}", n + 1
-        try:
-            os.rename(os.path.join(directory, name), target, dst_dir_fd=fd)
-        except FileNotFoundError:
-            return False
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        note = os.open(
-            f"{target}.error",
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o640,
-            dir_fd=fd,
-        )
-        with open(note, "wb") as out:
-            os.fchmod(note, 0o640)  # the group may read it whatever relayd's umask
-            out.write(f"{stamp} {shown(name)}: {reason}\n".encode("utf-8", "backslashreplace"))
-        return True
-    finally:
-        os.close(fd)
-
-
-def _exists(name: str, dir_fd: int) -> bool:
-    try:
-        os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return False
-    return True
