@@ -29,6 +29,14 @@ from tests.conftest import (
 AIT_KEY = "ait-key-0002"
 
 
+async def fake_aitronos(aiohttp_server: Any, status: Any, paragraphs: Any) -> Any:
+    """A hand-written Aitronos on loopback: the test's own status and paragraphs handlers."""
+    app = web.Application()
+    app.router.add_get("/v1/audio/transcribe/{id}", status)
+    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
+    return await aiohttp_server(app)
+
+
 def ait_config(tmp_path: Path, port: int, receiver: Receiver, **overrides: Any) -> dict[str, Any]:
     data = config_dict(tmp_path, port, {"app": receiver.port}, kind="aitronos", **overrides)
     data["endpoints"]["app"]["events"] = ["transcription.completed", "transcription.failed"]
@@ -197,10 +205,7 @@ async def test_409_means_not_yet_and_error_envelopes_are_logged(
         page = {"paragraphs": [{"index": 0, "text": "Hello."}], "total_count": 1}
         return web.json_response({"success": True, "data": page})
 
-    app = web.Application()
-    app.router.add_get("/v1/audio/transcribe/{id}", status)
-    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
-    server = await aiohttp_server(app)
+    server = await fake_aitronos(aiohttp_server, status, paragraphs)
     data_cfg = ait_config(tmp_path, server.port, receiver, auth_header="X-API-Key")
     data_cfg["providers"]["main"]["api_key"] = "env:AIT_KEY"
     config = parse_config(data_cfg, base_dir=tmp_path, env={**ENV, "AIT_KEY": AIT_KEY})
@@ -231,10 +236,7 @@ async def test_garbage_paging_is_never_delivered(
         page = {"paragraphs": items, "total_count": 2}
         return web.json_response({"success": True, "data": page})
 
-    app = web.Application()
-    app.router.add_get("/v1/audio/transcribe/{id}", status)
-    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
-    server = await aiohttp_server(app)
+    server = await fake_aitronos(aiohttp_server, status, paragraphs)
     config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "trans_g"})
@@ -296,10 +298,7 @@ async def test_an_answer_about_another_id_is_a_failed_poll(
         page = {"paragraphs": [{"index": 0, "text": "mine"}], "total_count": 1}
         return web.json_response({"success": True, "data": page})
 
-    app = web.Application()
-    app.router.add_get("/v1/audio/transcribe/{id}", status_route)
-    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
-    server = await aiohttp_server(app)
+    server = await fake_aitronos(aiohttp_server, status_route, paragraphs)
     config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "trans_mine"})
@@ -338,10 +337,7 @@ async def test_a_page_of_paragraphs_that_are_not_paragraphs_is_retried(
         page = {"paragraphs": items if calls == 1 else good, "total_count": 2}
         return web.json_response({"success": True, "data": page})
 
-    app = web.Application()
-    app.router.add_get("/v1/audio/transcribe/{id}", status)
-    app.router.add_get("/v1/audio/transcribe/{id}/paragraphs", paragraphs)
-    server = await aiohttp_server(app)
+    server = await fake_aitronos(aiohttp_server, status, paragraphs)
     config = make_config(ait_config(tmp_path, server.port, receiver), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "trans_p"})
