@@ -246,9 +246,8 @@ class Daemon:
             self.poller.save_budgets()
         except StoreError as exc:
             log.error("cannot save budgets (the next start waits one window): %s", exc)
-        counts = self.store.job_counts()
-        in_flight = sum(c.get(JobState.POLLING, 0) for c in counts.values())
-        pending_deliveries = sum(c.get("pending", 0) for c in self.store.delivery_counts().values())
+        in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
+        pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
         log.info(
             "shutting down: %d job(s) still polling, %d delivery(ies) pending, %d POST(s) cut off",
             in_flight,
@@ -327,8 +326,8 @@ class Daemon:
     def status_line(self) -> str:
         """One line for `systemctl status`: jobs and deliveries that are not finished yet."""
         try:
-            jobs = _totals(self.store.job_counts())
-            deliveries = _totals(self.store.delivery_counts())
+            jobs = totals(self.store.job_counts())
+            deliveries = totals(self.store.delivery_counts())
         except StoreError as exc:
             return f"serving; cannot read the database: {exc}"
         line = (
@@ -343,7 +342,7 @@ class Daemon:
 
     def _wire_gauges(self) -> None:
         gauges = self.metrics.gauges
-        gauges.jobs = lambda: {**dict.fromkeys(JobState, 0), **_totals(self.store.job_counts())}
+        gauges.jobs = lambda: {**dict.fromkeys(JobState, 0), **totals(self.store.job_counts())}
         gauges.budget_used = self.poller.budget_used
         gauges.budget_limit = lambda: {n: p.rate_limit for n, p in self.config.providers.items()}
         gauges.oldest_waiting = lambda: {
@@ -383,7 +382,7 @@ class Daemon:
         return info
 
 
-def _totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
+def totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
     """{name: {state: n}} -> {state: sum over names}."""
     out: dict[str, int] = {}
     for counts in by_name.values():

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from relayd.config import Config, parse_config
-from relayd.daemon import Daemon
+from relayd.daemon import Daemon, totals
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.store import JobState
@@ -143,11 +143,7 @@ async def eventually(
 
 
 def states(daemon: Daemon) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for per in daemon.store.job_counts().values():
-        for state, n in per.items():
-            out[state] = out.get(state, 0) + n
-    return out
+    return totals(daemon.store.job_counts())
 
 
 def settled(daemon: Daemon, total: int) -> bool:

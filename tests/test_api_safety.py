@@ -53,15 +53,22 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), await reader.readexactly(length)
 
 
-async def raw_request(daemon: Daemon, data: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are on the unix socket; read one answer."""
-    reader, writer = await asyncio.open_unix_connection(socket_path(daemon))
+async def exchange(
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], data: bytes
+) -> tuple[int, bytes]:
+    """Send bytes as they are on an open connection; read one answer; close."""
+    reader, writer = connection
     try:
         writer.write(data)
         async with asyncio.timeout(2):
             return await read_answer(reader)
     finally:
         writer.close()
+
+
+async def raw_request(daemon: Daemon, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are on the unix socket; read one answer."""
+    return await exchange(await asyncio.open_unix_connection(socket_path(daemon)), data)
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
@@ -194,13 +201,8 @@ async def test_token_is_required_on_every_tcp_path_but_the_probes(
 
 
 async def raw_tcp(port: int, data: bytes) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        async with asyncio.timeout(2):
-            return await read_answer(reader)
-    finally:
-        writer.close()
+    """Send bytes as they are to the TCP API; read one answer."""
+    return await exchange(await asyncio.open_connection("127.0.0.1", port), data)
 
 
 # -- request size ----------------------------------------------------------------------------------
