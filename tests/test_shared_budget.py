@@ -293,7 +293,7 @@ async def test_light_instance_is_served_beside_a_busy_one(clients: Callable[[], 
     busy = await budget(clients(), key, **FAIR)
     light = await budget(clients(), key, **FAIR)
     got_busy: list[float] = []
-    delays: list[float] = []
+    waits: list[tuple[float, float]] = []  # (asked, granted) for each of the light one's jobs
     start = now()
     until = start + 1.0
 
@@ -305,15 +305,18 @@ async def test_light_instance_is_served_beside_a_busy_one(clients: Callable[[], 
                 answer = await light.acquire()
                 await asyncio.sleep(0.01)  # a farther host
                 if isinstance(answer, Grant):
-                    delays.append(now() - asked)
+                    waits.append((asked, now()))
                     await light.release(answer.slot)
                     break
                 await asyncio.sleep(answer.wait)
 
     await asyncio.gather(ask_continuously(busy, until, got_busy, poll=0.005), few_jobs())
-    assert len(delays) == 10
-    assert max(delays) <= 0.075, delays  # a pacing step (25 ms), the latency, round trips
-    assert len(got_busy) + len(delays) >= 0.9 * allowed(1.0)
+    assert len(waits) == 10
+    # Counted in grants, not seconds (a loaded machine stretches both): while the light one
+    # waits, the busy one gets at most the slot already on its way and one more.
+    ahead = [sum(asked < t < granted for t in got_busy) for asked, granted in waits]
+    assert max(ahead) <= 2, (ahead, waits)
+    assert len(got_busy) + len(waits) >= 0.9 * allowed(1.0)
 
 
 async def test_idle_instance_does_not_slow_a_busy_one(clients: Callable[[], Client]) -> None:
