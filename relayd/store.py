@@ -345,10 +345,10 @@ class Store:
         out: list[tuple[Job, bool]] = []
         with self._write() as db:
             for sub in subs:
-                cur = db.execute(
+                rows = db.execute(
                     "INSERT INTO jobs (provider, doc_id, state, metadata, endpoints, source,"
                     " submitted_at, next_poll_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (provider, doc_id) DO NOTHING",
+                    f" ON CONFLICT (provider, doc_id) DO NOTHING RETURNING {JOB_COLUMNS}",
                     (
                         sub.provider,
                         sub.doc_id,
@@ -360,13 +360,15 @@ class Store:
                         now,
                         now,
                     ),
-                )
-                created = cur.rowcount == 1
+                ).fetchall()  # one row if it was inserted, none if it was known
+                if rows:
+                    out.append((_job(rows[0]), True))
+                    continue
                 row = db.execute(
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?",
                     (sub.provider, sub.doc_id),
                 ).fetchone()
-                out.append((_job(row), created))
+                out.append((_job(row), False))
         return out
 
     # -- reading --------------------------------------------------------------------------------
