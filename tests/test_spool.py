@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import watchfiles
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.intake.envelope import Catalog, Submission
@@ -422,9 +421,9 @@ async def test_watch_events_take_named_files_and_ticks_scan_all(tmp_path: Path) 
     task = asyncio.create_task(spool.run())
     (directory / "named.txt").write_text("named-1\n")
     (directory / "quiet.txt").write_text("quiet-1\n")
-    await batches.put({(watchfiles.Change.added, str(directory / "named.txt"))})
+    await batches.put({"named.txt": False})
     await eventually(lambda: taken.ids == ["named-1"], timeout=2)
-    await batches.put(set())
+    await batches.put({})
     await eventually(lambda: taken.ids == ["named-1", "quiet-1"], timeout=2)
     spool.stop()
     await asyncio.wait_for(task, 2)
@@ -446,7 +445,7 @@ async def test_new_file_arriving_while_its_name_is_deleted_is_taken(
         if not (directory / ".next.tmp").exists() and taken.ids == ["old-1"]:
             (directory / ".next.tmp").write_text("new-1\n")
             os.rename(directory / ".next.tmp", path)
-            event = {(watchfiles.Change.added, str(path))}
+            event = {path.name: False}
             loop.call_soon_threadsafe(batches.put_nowait, event)
             time.sleep(0.2)  # the event is handled while this delete is still "in flight"
         return again
@@ -454,7 +453,7 @@ async def test_new_file_arriving_while_its_name_is_deleted_is_taken(
     monkeypatch.setattr(Spool, "_delete", slow_delete)
     task = asyncio.create_task(spool.run())
     path.write_text("old-1\n")
-    await batches.put({(watchfiles.Change.added, str(path))})
+    await batches.put({path.name: False})
     await eventually(lambda: taken.ids == ["old-1", "new-1"], timeout=2)
     spool.stop()
     await asyncio.wait_for(task, 2)
@@ -541,7 +540,7 @@ async def test_many_files_are_committed_in_batches_with_the_loop_running_between
 
 async def one_tick(directory: Path, stop: asyncio.Event) -> Any:
     """A watcher that reports one RESCAN tick, then nothing until stopped."""
-    yield set()
+    yield {}
     await stop.wait()
 
 

@@ -1,6 +1,8 @@
 """The spool directory: every regular file dropped in it is a submission, taken whole or moved
-to `rejected/` beside a `NAME.error` that says why. Files are read in batches and each batch is
-one commit; a file is deleted only after that commit, and only if it did not change meanwhile.
+to `rejected/` beside a `NAME.error` that says why. A file renamed in is read as soon as the
+watcher reports it; one being written in place, once it has been left alone for SETTLE. Files
+are read in batches and each batch is one commit; a file is deleted only after that commit, and
+only if it did not change meanwhile.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import watchfiles
 
+from relayd.intake import inotify
 from relayd.intake.envelope import Catalog, Submission
 from relayd.intake.rejected import move_to_rejected, unusable
 from relayd.intake.spoolfile import (
@@ -34,7 +37,7 @@ log = logging.getLogger("relayd.intake.spool")
 
 REJECTED = "rejected"
 RESCAN = 5.0  # seconds: a full scan even without events (missed events, store retries)
-SETTLE = 0.02  # seconds a file must be left unchanged before it is read
+SETTLE = 0.02  # seconds a file written in place must be left unchanged before it is read
 GRACE = 1.0  # seconds a file that cannot be accepted (or ends mid-line) may still be changing
 # One commit (one fsync) per batch; the event loop runs between batches. A batch ends after
 # BATCH_FILES files, BATCH_JOBS jobs or BATCH_SECONDS of reading, whichever comes first: on a
@@ -44,7 +47,10 @@ BATCH_JOBS = 5000
 BATCH_SECONDS = 0.01
 PASS_GAP = 0.01  # seconds between the starts of two passes: files trickling in share a commit
 
-Watch = Callable[[Path, asyncio.Event], AsyncIterator[object]]
+# What a watcher reports: names added or changed, each with whether it was written in place (a
+# writer at work: it must settle) rather than only renamed in whole; {} asks for a full scan.
+Changes = dict[str, bool]
+Watch = Callable[[Path, asyncio.Event], AsyncIterator[Changes]]
 Accept = Callable[[Sequence[Submission], str], object]
 
 
@@ -53,37 +59,37 @@ def ignored(name: str) -> bool:
     return name.startswith(".") or name.endswith((".tmp", ".part"))
 
 
-async def watch_directory(directory: Path, stop: asyncio.Event) -> AsyncIterator[object]:
-    """Changes in the directory within ~10 ms (watchfiles), and an empty set every RESCAN
-    seconds without any. Unfiltered: watchfiles' default filter drops names like `x.pyc`."""
-    async for changes in watchfiles.awatch(
+async def watch_directory(directory: Path, stop: asyncio.Event) -> AsyncIterator[Changes]:
+    """Changes in the directory, and {} every RESCAN seconds without any: on Linux from inotify
+    as soon as the event loop is free, elsewhere through watchfiles."""
+    source = inotify.watch if inotify.available() else watch_portably
+    async for changes in source(directory, stop, RESCAN):
+        yield changes
+
+
+async def watch_portably(
+    directory: Path, stop: asyncio.Event, rescan: float
+) -> AsyncIterator[Changes]:
+    """watchfiles: changes within ~10 ms, from a thread that polls every 5 ms. It reports a file
+    created in place like one renamed in (`added`), so every file it names must settle.
+    Unfiltered: watchfiles' default filter drops names like `x.pyc`."""
+    async for batch in watchfiles.awatch(
         directory,
         stop_event=stop,
         watch_filter=None,
         recursive=False,
         debounce=10,
         step=5,
-        rust_timeout=int(RESCAN * 1000),
+        rust_timeout=int(rescan * 1000),
         yield_on_timeout=True,
     ):
-        yield changes
-
-
-def changed_names(changes: object) -> set[str] | None:
-    """Names a watch batch says were added or changed; None for a tick (or anything not a batch
-    of (change, path) pairs): then the whole directory is scanned."""
-    if not isinstance(changes, set | frozenset | list | tuple) or not changes:
-        return None
-    names = set()
-    for item in changes:
-        if not isinstance(item, tuple) or len(item) != 2:
-            return None
-        change, path = item
-        if change != watchfiles.Change.deleted:
-            name = os.path.basename(str(path))
-            if name and not ignored(name):
-                names.add(name)
-    return names
+        changes = {
+            os.path.basename(path): True
+            for change, path in batch
+            if change != watchfiles.Change.deleted
+        }
+        if changes or not batch:  # only deletions (relayd's own, mostly): nothing to do
+            yield changes
 
 
 class Spool:
@@ -107,6 +113,7 @@ class Spool:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._changed: set[str] = set()  # names the watcher reported since the last pass
+        self._written: set[str] = set()  # of those, names written in place: they must settle
         self._rescan = False
         self._due: dict[str, float] = {}  # name -> wall time to look at it again
         self._heap: list[tuple[float, str]] = []  # the same, ordered (stale entries skipped)
@@ -157,13 +164,14 @@ class Spool:
     async def _listen(self) -> None:
         try:
             async for changes in self._watch(self.directory, self._stop):
-                names = changed_names(changes)
-                if names is None:
-                    self._rescan = True
-                elif names:
-                    self._changed |= names
+                named = {name for name in changes if not ignored(name)}
+                if named:
+                    self._changed |= named
+                    self._written.update(name for name in named if changes[name])
+                elif changes:
+                    continue  # only files still being written under a temporary name
                 else:
-                    continue  # only deletions (relayd's own, mostly)
+                    self._rescan = True
                 self._wake.set()
         finally:
             self.stop()  # no watcher, no spool: the daemon reports the loop as stopped
@@ -185,16 +193,18 @@ class Spool:
                 break
             last = loop.time()
             names, self._changed = self._changed, set()
+            whole, self._written = names - self._written, set()
             names |= self._pop_due(time.time())
             if self._rescan:
                 self._rescan = False
                 names = set(self._listing()) | names
-            await self._take(names)
+            await self._take(names, whole)
 
-    async def _take(self, names: Iterable[str]) -> None:
+    async def _take(self, names: Iterable[str], whole: Container[str]) -> None:
         """Take files batch by batch, letting the event loop run between batches; committed
-        batches go to the deleter, and a file waiting for it is not looked at meanwhile."""
-        for committed in self._passes(names):
+        batches go to the deleter, and a file waiting for it is not looked at meanwhile.
+        Names in `whole` arrived whole (renamed in): they are read without waiting to settle."""
+        for committed in self._passes(names, whole):
             if committed:
                 self._deleting.update(ready.name for ready in committed)
                 self._committed.put_nowait(committed)
@@ -267,7 +277,7 @@ class Spool:
 
     # -- taking files ---------------------------------------------------------------------------
 
-    def _passes(self, names: Iterable[str]) -> Iterator[list[Ready]]:
+    def _passes(self, names: Iterable[str], whole: Container[str] = ()) -> Iterator[list[Ready]]:
         """Look at each name; commit the files read in batches. Yields each batch once its
         commit is done, for the caller to _finish (and to let the event loop run meanwhile)."""
         batch: list[Ready] = []
@@ -282,7 +292,7 @@ class Spool:
                 self._recheck.add(name)  # a new file under that name, maybe: after the delete
                 continue
             self._due.pop(name, None)
-            verdict = self._examine(name)
+            verdict = self._examine(name, name in whole)
             looked += 1
             if isinstance(verdict, Ready):
                 batch.append(verdict)
@@ -310,9 +320,9 @@ class Spool:
                 started = time.perf_counter()
         yield self._commit(batch)
 
-    def _examine(self, name: str) -> Verdict:
+    def _examine(self, name: str, whole: bool) -> Verdict:
         try:
-            return self._inspector.examine(name, time.time())
+            return self._inspector.examine(name, time.time(), whole=whole)
         except Exception as exc:  # a bug must not wedge the spool on one file
             log.exception("unexpected error reading %s", shown(name))
             return Refuse(f"internal error while reading it: {type(exc).__name__}")

@@ -64,8 +64,9 @@ class Inspector:
 
     A file is read only once nothing has changed it for `settle` seconds (its ctime, which every
     write updates and nobody can set back), so a writer that fills the file in place is not read
-    half-way. Content that cannot be accepted, or text whose last line has no newline yet, waits
-    until the file has been quiet for `grace` seconds: it may still be being written.
+    half-way; unless it arrived `whole` (renamed in, and not written to since). Content that
+    cannot be accepted, or text whose last line has no newline yet, waits until the file has
+    been quiet for `grace` seconds: it may still be being written.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Inspector:
         for name in self._future.keys() - present:
             del self._future[name]
 
-    def examine(self, name: str, now: float) -> Verdict:
+    def examine(self, name: str, now: float, *, whole: bool = False) -> Verdict:
         path = os.path.join(self.directory, name)
         try:
             st = os.lstat(path)
@@ -99,7 +100,7 @@ class Inspector:
             kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
             return Refuse(f"{kind}, not a regular file: only regular files are submissions")
         changed = self._changed_at(name, st, now)
-        if now < changed + self.settle:
+        if not whole and now < changed + self.settle:
             return Wait(changed + self.settle)
         if problem := unsafe(st):
             return Refuse(problem)
