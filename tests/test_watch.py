@@ -174,3 +174,15 @@ async def test_renamed_file_is_read_at_once_a_file_written_in_place_waits_to_set
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(task, 5)
     assert (directory / "inplace.txt").exists()
+
+
+@linux
+async def test_inotify_first_asks_for_a_full_scan(tmp_path: Path) -> None:
+    """A file that arrived between the start-up scan and the watch is not left for RESCAN."""
+    stop = asyncio.Event()
+    batches = inotify.watch(tmp_path, stop, 60.0)
+    try:
+        assert await asyncio.wait_for(anext(batches), 1) == {}
+    finally:
+        stop.set()
+        await batches.aclose()  # type: ignore[attr-defined]

@@ -72,8 +72,8 @@ def parse(buf: bytes) -> tuple[dict[str, bool], bool, bool]:
 async def watch(
     directory: Path, stop: asyncio.Event, rescan: float
 ) -> AsyncIterator[dict[str, bool]]:
-    """Batches of changes in `directory` (name -> written in place), and {} after `rescan`
-    seconds without any, until `stop` is set or the directory goes away."""
+    """Batches of changes in `directory` (name -> written in place), and {} at first and after
+    `rescan` seconds without any, until `stop` is set or the directory goes away."""
     assert _libc is not None
     fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
     loop = asyncio.get_running_loop()
@@ -86,6 +86,7 @@ async def watch(
         stopping = asyncio.create_task(stop.wait())
         stopping.add_done_callback(lambda _: readable.set())
         try:
+            yield {}  # whatever arrived before the watch was set up: look at everything
             while not stop.is_set():
                 readable.clear()
                 changes, lost, gone = parse(_read(fd))
