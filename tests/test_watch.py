@@ -135,6 +135,7 @@ def test_inotify_parse_reads_names_overflow_and_loss_of_the_directory() -> None:
     )
 
 
+@linux
 async def test_renamed_file_is_read_at_once_a_file_written_in_place_waits_to_settle(
     tmp_path: Path,
 ) -> None:
@@ -157,7 +158,7 @@ async def test_renamed_file_is_read_at_once_a_file_written_in_place_waits_to_set
     spool.prepare()
     task = asyncio.create_task(spool.run())
     try:
-        await asyncio.sleep(0.1)  # the watch is set up
+        await asyncio.sleep(0.1)  # the watch is set up (in the listener's first step)
         (directory / ".whole.tmp").write_text("whole-1\n")
         os.rename(directory / ".whole.tmp", directory / "whole.txt")
         await eventually(lambda: taken == ["whole-1"], timeout=5, what="the renamed file")

@@ -1,8 +1,8 @@
 """The spool directory: every regular file dropped in it is a submission, taken whole or moved
-to `rejected/` beside a `NAME.error` that says why. A file renamed in is read as soon as the
-watcher reports it; one being written in place, once it has been left alone for SETTLE. Files
-are read in batches and each batch is one commit; a file is deleted only after that commit, and
-only if it did not change meanwhile.
+to `rejected/` beside a `NAME.error` that says why. On Linux a file renamed in is read as soon
+as it appears; one written in place (and on other systems, every file) once it has been left
+alone for SETTLE. Files are read in batches and each batch is one commit; a file is deleted only
+after that commit, and only if it did not change meanwhile.
 """
 
 from __future__ import annotations
