@@ -1,6 +1,6 @@
 """The spool's watchers, on a real directory: what each reports for a file renamed in (whole), one
 written in place (it must settle), a quiet spell (a full-scan tick) and the directory going away;
-and the spool taking a renamed file at once but a file written in place only once it settles."""
+and the spool taking a renamed file at once, while a file written in place waits to settle."""
 
 from __future__ import annotations
 
