@@ -27,6 +27,7 @@ from relayd.intake.spool import BATCH_FILES, Spool
 from relayd.intake.spoolfile import Inspector, Ready, Wait
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.store import StoreError
 from tests.conftest import api, config_dict, eventually, make_config, running
 
 CATALOG = Catalog(frozenset({"main"}), frozenset(), "main")
@@ -551,3 +552,35 @@ async def test_file_still_settling_at_start_is_waited_for(tmp_path: Path) -> Non
     (directory / "just-now.txt").write_text("early-1\n")
     assert await spool.take_existing() == 1
     assert taken.ids == ["early-1"]
+
+
+async def test_files_the_store_refused_are_read_again_on_a_busy_spool(tmp_path: Path) -> None:
+    """A file the store could not take (disk full) is read again after `retry` seconds, though
+    the watcher never goes quiet long enough for a full-scan tick."""
+    failures = [StoreError("database or disk is full")]
+    taken = Taken()
+
+    def accept(subs: Sequence[Submission], source: str) -> None:
+        if failures:
+            raise failures.pop()
+        taken(subs, source)
+
+    batches: asyncio.Queue[object] = asyncio.Queue()
+    directory = tmp_path / "spool"
+    spool = Spool(
+        directory, catalog=lambda: CATALOG, accept=accept, watch=scripted(batches), retry=0.1
+    )
+    spool.prepare()
+    task = asyncio.create_task(spool.run())
+    (directory / "waiting.txt").write_text("waiting-1\n")
+    await batches.put({"waiting.txt": False})
+    await eventually(lambda: spool.error is not None, timeout=2, what="the refusal")
+    for i in range(10):  # other files keep arriving: no quiet spell, no tick
+        (directory / f"other-{i}.txt").write_text(f"other-{i}\n")
+        await batches.put({f"other-{i}.txt": False})
+        await asyncio.sleep(0.03)
+    await eventually(lambda: "waiting-1" in taken.ids, timeout=2, what="the retry")
+    spool.stop()
+    await asyncio.wait_for(task, 2)
+    assert not (directory / "waiting.txt").exists()
+    assert spool.error is None

@@ -36,7 +36,7 @@ from relayd.store import StoreError
 log = logging.getLogger("relayd.intake.spool")
 
 REJECTED = "rejected"
-RESCAN = 5.0  # seconds: a full scan even without events (missed events, store retries)
+RESCAN = 5.0  # seconds: a full scan after this long without events; also the store retry delay
 SETTLE = 0.02  # seconds a file written in place must be left unchanged before it is read
 GRACE = 1.0  # seconds a file that cannot be accepted (or ends mid-line) may still be changing
 # One commit (one fsync) per batch; the event loop runs between batches. A batch ends after
@@ -103,12 +103,15 @@ class Spool:
         watch: Watch = watch_directory,
         settle: float = SETTLE,
         grace: float = GRACE,
+        retry: float = RESCAN,
     ) -> None:
+        """`retry`: seconds before files the store could not take are read again."""
         self.directory = directory
         self.rejected = directory / REJECTED
         self._accept = accept
         self._on_result = on_result
         self._watch = watch
+        self._retry = retry
         self._inspector = Inspector(str(directory), catalog, settle=settle, grace=grace)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -341,6 +344,7 @@ class Spool:
                     self._failing.add(ready.name)
                     log.error("cannot store %s, it stays in the spool: %s", shown(ready.name), exc)
                 self._on_result("unavailable")
+                self._wait(ready.name, time.time() + self._retry)  # a busy spool is never quiet
             return []
         except Exception as exc:
             if len(batch) > 1:  # find the file that breaks it; take the others
