@@ -497,7 +497,7 @@ class Poller:
             self._finish(job, pc, outcome, now)
             return None
         interval = pc.poll_interval
-        if pc.adaptive_polling:
+        if pc.adaptive_polling and not outcome.finishing:
             expected = self.run_times.expect(job.provider, outcome.hints)
             jobs = len(group.schedule) + len(group.in_flight)
             crowded = jobs * group.budget.window / group.budget.limit > pc.poll_interval
@@ -528,7 +528,7 @@ class Poller:
         errors = job.errors + 1
         due = now + poll_backoff(errors, pc.poll_interval)
         log.warning("poll failed (%d in a row): %s", errors, exc, extra=ctx)
-        self._record(job, now, None, "error", str(exc), due, errors, job.not_found)
+        self._record(job, now, None, "error", str(exc), due, errors, job.not_found, exc.status)
         return due
 
     def _record(

@@ -16,7 +16,13 @@ from relayd.store import Job
 
 
 class ProviderError(Exception):
-    """The poll did not produce an answer about the job."""
+    """The poll did not produce an answer about the job.
+
+    `status`: what the provider said of the job before the poll failed (a `completed` whose
+    paragraphs could not be read), so the job's history shows the last status actually seen.
+    """
+
+    status: str | None = None
 
 
 class Retryable(ProviderError):
@@ -74,6 +80,9 @@ class Progress:
     etag: str | None = None
     min_interval: float | None = None  # do not poll this job again sooner (Cache-Control)
     hints: Hints = field(default_factory=Hints)  # what the answer says about the media
+    # the provider says it is done, but the rest of the result is not there yet (a short race):
+    # poll again after `poll_interval`, whatever the adaptive cadence would wait
+    finishing: bool = False
 
 
 @dataclass(frozen=True)

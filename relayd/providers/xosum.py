@@ -1,8 +1,14 @@
-"""Xosum: poll `getTranscription` and rebuild the body of Xosum's own webhook from the answer."""
+"""Xosum: poll `getTranscription` and rebuild the body of Xosum's own webhook from the answer.
+
+The answer is Xosum's published one (`shared/providers/xosum-get-transcription.txt`): the base
+fields `docId`, `status`, `createdAt`, `type` (`single_voice` | `phone_call`), `duration` and
+`metadata` on every answer; `transcription`, `title`, `resolution`, `languageCode` once
+`transcribed`; `error` once `failed`. Statuses other than those two (`uploading`, `processing`,
+`converting`, or anything new) mean "not yet".
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from relayd.cadence import hints_from
@@ -15,11 +21,8 @@ from relayd.providers.base import (
     Retryable,
     auth_headers,
     classify,
-    log_context,
 )
 from relayd.store import Job
-
-log = logging.getLogger("relayd.providers.xosum")
 
 TERMINAL = frozenset({"transcribed", "failed"})
 EXTRA_FIELDS = ("languageCode", "type", "duration", "createdAt")
@@ -40,13 +43,10 @@ class XosumProvider:
         )
         classify(answer, f"docId {job.doc_id}")
         doc = answer.json()
-        if isinstance(doc, dict) and "status" not in doc and isinstance(doc.get("data"), dict):
-            log.info("xosum answer wrapped in 'data'", extra=log_context(self.name, job))
-            doc = doc["data"]
         if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
             raise Retryable(f"answer for {job.doc_id} has no 'status' string")
-        if doc.get("docId", job.doc_id) != job.doc_id:  # a cache or proxy mixed up answers
-            raise Retryable(f"answer for {job.doc_id} is about docId {doc['docId']!r:.80}")
+        if doc.get("docId") != job.doc_id:  # every answer names its job; a mixed-up answer
+            raise Retryable(f"answer for {job.doc_id} is about docId {doc.get('docId')!r:.80}")
         status: str = doc["status"]
         hints = hints_from(doc.get("type"), doc.get("duration"))
         if status not in TERMINAL:
