@@ -31,6 +31,8 @@ EVENTS = frozenset(
     {"transcript_ready", "transcript_failed", "transcription.completed", "transcription.failed"}
 )
 KINDS = ("xosum", "aitronos")
+# Where `base_url` may be left out: the API root the provider documents.
+DEFAULT_BASE_URLS = {"aitronos": "https://api.aitronos.com"}
 _LITERAL = "<literal>"
 _MASK = "********"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -428,10 +430,12 @@ def _provider(p: _Parser, name: str, data: object, endpoints: Collection[str]) -
     for index, endpoint in enumerate(names):
         if endpoint not in endpoints:
             p.problem(f"{t.at('endpoints')}[{index}]", f"no endpoint named {endpoint!r}")
+    kind = t.take("kind", _choice(*KINDS), "", required=True)
+    default_url = DEFAULT_BASE_URLS.get(kind)
     return ProviderConfig(
         name=name,
-        kind=t.take("kind", _choice(*KINDS), "", required=True),
-        base_url=t.take("base_url", _url, "", required=True).rstrip("/"),
+        kind=kind,
+        base_url=t.take("base_url", _url, default_url or "", required=not default_url).rstrip("/"),
         api_key=t.secret("api_key", required=True) or _NO_SECRET,
         rate_limit=t.take("rate_limit", _int_at_least(1), 60),
         rate_window=t.take("rate_window", parse_duration, 60.0),
@@ -567,7 +571,7 @@ _STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
     )),
     ("providers.main", (
         ("kind", "xosum", "xosum | aitronos"),
-        ("base_url", "https://app.xosum.am", "the provider's API root"),
+        ("base_url", "https://app.xosum.am", "API root (aitronos: https://api.aitronos.com)"),
         ("api_key", "env:XOSUM_API_KEY", "env:NAME, file:/path or credential:NAME"),
         ("rate_limit", 60, "requests per window for this key"),
         ("rate_window", "60s", "fixed window, aligned to the wall clock"),

@@ -418,6 +418,18 @@ def test_bad_base_url_is_refused() -> None:
     )
 
 
+def test_aitronos_base_url_defaults_to_the_documented_root() -> None:
+    """kind = "aitronos" without base_url polls https://api.aitronos.com; Xosum has no such
+    default (its document names none) and still needs one."""
+    data = minimal()
+    data["providers"]["main"]["kind"] = "aitronos"
+    del data["providers"]["main"]["base_url"]
+    config = parse_config(data, base_dir=BASE, env=ENV)
+    assert config.providers["main"].base_url == "https://api.aitronos.com"
+    data["providers"]["main"]["kind"] = "xosum"
+    assert problems_of(data) == ["providers.main.base_url: missing (required)"]
+
+
 def test_unknown_endpoint_name_is_named_with_its_index() -> None:
     """A provider's endpoints must name [endpoints.X] tables."""
     data = with_key("providers.main", "endpoints", ["app", "x"])
