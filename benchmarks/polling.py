@@ -224,8 +224,9 @@ class ClosedLoop:
             job = self.provider.add_job(
                 spec.doc_id,
                 ready_after=spec.ready_after,
-                progress={"type": "audio", "duration": spec.audio_seconds},
-                duration=spec.audio_seconds,  # the finished answer tells the same duration
+                progress={"duration": spec.audio_seconds},  # known from the first answer on
+                duration=spec.audio_seconds,
+                type="single_voice",  # a base field: every answer says it
             )
             self.jobs[spec.doc_id] = Tracked(now, job.finished_at - self.skew)
         self.system.submit([spec.doc_id for spec in batch])

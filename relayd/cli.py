@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("check-config", cmd_check_config, "validate and print the effective config")
     sp = cmd("mock-provider", cmd_mock_provider, "a local fake of the providers' APIs", False)
     sp.add_argument("--port", type=int, default=8900)
-    sp.add_argument("--window", type=float, default=60.0, help="rate window in seconds")
+    sp.add_argument(
+        "--window",
+        type=float,
+        default=60.0,
+        help="rate window in seconds; Aitronos's Cache-Control max-age (5 s, 1 day) scales with it",
+    )
     sp.add_argument("--limit", type=int, default=60, help="requests per window per key")
     sp.add_argument("--ready-after", type=float, default=10.0, help="seconds until a job is done")
     return p

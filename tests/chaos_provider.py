@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from relayd.mock.provider import MockProvider
+from relayd.mock.provider import MockProvider, scaled_cache_ages
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,7 +43,7 @@ FAULTS = {
     "slow_body": "ok",  # the good answer, dribbled but complete within the timeout
 }
 XOSUM_TERMINAL = frozenset({"transcribed", "failed"})
-AIT_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+AIT_TERMINAL = frozenset({"completed", "failed"})
 
 
 class ChaosProvider:
@@ -71,11 +71,13 @@ class ChaosProvider:
         self.page_share = page_share
         self.timeout = timeout
         self.refuse = range(refuse_from, refuse_from + refuse_count)
-        self.mock = MockProvider(window=window, limit=limit)
+        self.mock = MockProvider(window=window, limit=limit, cache_ages=scaled_cache_ages(window))
         self.served: collections.Counter[str] = collections.Counter()  # fault kind -> n
         self.good = 0  # good answers served (not faults, not 429)
-        self.good_terminal: dict[str, list[Any]] = collections.defaultdict(list)  # doc -> answers
+        # doc -> good terminal answers (Xosum's body; Aitronos's `data` and `billing`)
+        self.good_terminal: dict[str, list[Any]] = collections.defaultdict(list)
         self.good_pages: dict[str, dict[int, list[Any]]] = collections.defaultdict(dict)
+        self.good_totals: dict[str, int] = {}  # doc -> metadata.total_count of its pages
         self.slow_abandoned = 0  # slow_timeout bodies the client hung up on (as it should)
         self.slow_finished = 0  # slow_timeout bodies the client waited for in full (it must not)
         self.slow_ok_abandoned = 0  # slow_body answers the client gave up on all the same
@@ -113,8 +115,8 @@ class ChaosProvider:
             return good
         kind = rng.choice(sorted(FAULTS))
         other = self._other_answer(rng, route, doc) if kind == "wrong_job" else None
-        if kind in ("unknown_status", "wrong_job") and route == "paragraphs":
-            kind = "wrong_shape"  # a page has no status, nor names its job
+        if kind == "unknown_status" and route == "paragraphs":
+            kind = "wrong_shape"  # a page has no status
         self.served[kind] += 1
         if other is not None:
             return web.json_response(other)
@@ -127,10 +129,12 @@ class ChaosProvider:
         if route == "xosum" and answer.get("status") in XOSUM_TERMINAL:
             self.good_terminal[doc].append(answer)
         elif route == "status" and answer["data"].get("status") in AIT_TERMINAL:
-            self.good_terminal[doc].append(answer["data"])
+            # what a delivery carries: not the request metadata, which differs every time
+            self.good_terminal[doc].append({"data": answer["data"], "billing": answer["billing"]})
         elif route == "paragraphs":
             offset = int(request.query.get("offset", "0"))
             self.good_pages[doc][offset] = answer["data"]["paragraphs"]
+            self.good_totals[doc] = answer["metadata"]["total_count"]
 
     async def _fault(
         self,
@@ -156,11 +160,15 @@ class ChaosProvider:
             return _json_bytes(rng.choice(NOT_JSON) if rng.random() < 0.8 else rng.randbytes(64))
         if kind == "wrong_shape":
             return web.json_response(rng.choice(WRONG_SHAPES[route])(doc))
-        if kind == "unknown_status":
-            status = rng.choice(["exploding", "", "Transcribed", "done?", "COMPLETED"])
+        if kind == "unknown_status":  # the good answer's shape, with a status nobody documented
+            status = rng.choice(["exploding", "", "Transcribed", "done?", "COMPLETED", "cancelled"])
+            answer = json.loads(body) if good.status == 200 and body else None
             if route == "xosum":
-                return web.json_response({"docId": doc, "status": status})
-            return web.json_response({"success": True, "data": {"id": doc, "status": status}})
+                return web.json_response({**(answer or {"docId": doc}), "status": status})
+            if answer is None:
+                answer = {"success": True, "data": {"transcription_id": doc}}
+            answer["data"]["status"] = status
+            return web.json_response(answer)
         if kind == "slow_body":
             return await self._dribble(request, route, doc, good, self.timeout / 4)
         if kind == "slow_timeout":
@@ -170,20 +178,21 @@ class ChaosProvider:
         raise AssertionError(kind)
 
     def _other_answer(self, rng: random.Random, route: str, doc: str) -> Any:
-        """A good terminal answer served for another job of the same provider, or (before any
-        finished) one about a job of someone else's."""
+        """A good terminal answer (or page) served for another job of the same provider, or
+        (before any finished) one about a job of someone else's."""
         if route == "paragraphs":
-            return None  # a page names no job
+            page = {"transcription_id": "trans_someone_else", "paragraphs": [{"text": "not yours"}]}
+            return {"success": True, "data": page, "metadata": {"total_count": 1}}
         others = sorted(
             d for d, answers in self.good_terminal.items() if d != doc and _family(d) == route
         )
         if others:
             answer = self.good_terminal[rng.choice(others)][0]
-        elif route == "xosum":
-            answer = {"docId": "x-else", "status": "transcribed", "transcription": "not yours"}
-        else:
-            answer = {"id": "trans_someone_else", "status": "completed", "paragraph_count": 1}
-        return answer if route == "xosum" else {"success": True, "data": answer}
+            return answer if route == "xosum" else {"success": True, **answer}
+        if route == "xosum":
+            return {"docId": "x-else", "status": "transcribed", "transcription": "not yours"}
+        data = {"transcription_id": "trans_someone_else", "status": "completed"}
+        return {"success": True, "data": data}
 
     # -- faults at the transport -----------------------------------------------------------------
 
@@ -196,7 +205,10 @@ class ChaosProvider:
         body = good.body if isinstance(good.body, bytes) else b""
         status = good.status
         if not body and slow:  # a 304 has no body to dribble: a progress answer instead
-            body, status = json.dumps({"docId": doc, "status": "processing"}).encode(), 200
+            progress: dict[str, Any] = {"docId": doc, "status": "processing"}
+            if route != "xosum":
+                progress = {"success": True, "data": {"transcription_id": doc, **progress}}
+            body, status = json.dumps(progress).encode(), 200
         response = web.StreamResponse(status=status, headers=_forwarded(good, len(body)))
         await response.prepare(request)
         step = max(1, -(-len(body) // 8))
@@ -302,23 +314,37 @@ WRONG_SHAPES: dict[str, list[Shape]] = {
         lambda d: {"success": True, "data": []},
         lambda d: {"success": True, "data": "completed"},
         lambda d: {"success": True, "data": None},
-        lambda d: {"success": True, "data": {"id": d, "status": 5}},
-        lambda d: {"success": True, "data": {"id": d}},
+        lambda d: {"success": True, "data": {"transcription_id": d, "status": 5}},
+        lambda d: {"success": True, "data": {"transcription_id": d}},
         lambda d: {"success": False, "error": {"code": "INTERNAL", "message": "but 200"}},
-        lambda d: {"success": True, "data": {"id": d, "status": ["completed"]}},
+        lambda d: {"success": True, "data": {"transcription_id": d, "status": ["completed"]}},
+        lambda d: {"data": {"transcription_id": d, "status": "completed"}},  # no success
+        lambda d: {"success": True, "data": {"id": d, "status": "completed"}},  # no id we know
     ],
     "paragraphs": [
         lambda d: [],
         lambda d: {"success": True, "data": []},
-        lambda d: {"success": True, "data": {"paragraphs": "none", "total_count": 3}},
-        lambda d: {"success": True, "data": {"paragraphs": [], "total_count": "3"}},
-        lambda d: {"success": True, "data": {"paragraphs": [1, 2, 3], "total_count": 3}},
-        lambda d: {"success": True, "data": {"paragraphs": [None], "total_count": 1}},
+        lambda d: page(d, "none", 3),
+        lambda d: page(d, [], "3"),
+        lambda d: page(d, [1, 2, 3], 3),
+        lambda d: page(d, [None], 1),
+        lambda d: page(d, [{"text": 7}], 1),
         lambda d: {
             "success": True,
-            "data": {"paragraphs": [{"index": 0, "text": 7}], "total_count": 1},
+            "data": {"transcription_id": d},
+            "metadata": {"total_count": 2},
         },
-        lambda d: {"success": True, "data": {"total_count": 2}},
-        lambda d: {"success": True, "data": {"paragraphs": [], "total_count": -1}},
+        lambda d: page(d, [], -1),
+        lambda d: page(d, [{"text": "a"}], None),  # no count
+        lambda d: {  # the counts where relayd once looked for them, not where Aitronos puts them
+            "success": True,
+            "data": {"transcription_id": d, "paragraphs": [{"text": "a"}], "total_count": 1},
+        },
     ],
 }
+
+
+def page(doc: str, paragraphs: Any, total: Any) -> dict[str, Any]:
+    """A paragraphs envelope with these (bad) parts."""
+    data = {"transcription_id": doc, "paragraphs": paragraphs}
+    return {"success": True, "data": data, "metadata": {"total_count": total}}

@@ -74,7 +74,7 @@ def plan(seed: int) -> list[Planned]:
         else:  # never finishes: cancelled through the API mid-run
             job = Planned("main", doc, JobState.CANCELLED, None, meta, {"ready_after": 3600})
         jobs.append(job)
-    aitronos = ["completed"] * 14 + ["long"] * 2 + ["failed"] * 3 + ["cancelled"] * 2
+    aitronos = ["completed"] * 14 + ["long"] * 2 + ["failed"] * 5
     aitronos += ["missing"] * 3
     rng.shuffle(aitronos)
     for i, outcome in enumerate(aitronos):
@@ -86,9 +86,9 @@ def plan(seed: int) -> list[Planned]:
             paragraphs = 1500 if outcome == "long" else rng.randint(1, 6)
             job = Planned("ait", doc, JobState.DELIVERED, "transcription.completed", meta)
             job.mock = {"ready_after": ready, "paragraphs": paragraphs, **marker}
-        elif outcome in ("failed", "cancelled"):  # the endpoint does not want these
+        elif outcome == "failed":  # the endpoint does not want these
             job = Planned("ait", doc, JobState.FAILED, None, meta)
-            job.mock = {"outcome": "failed", "ready_after": ready, "status": outcome, **marker}
+            job.mock = {"outcome": "failed", "ready_after": ready, **marker}
         else:
             job = Planned("ait", doc, JobState.UNKNOWN, None, meta, {"outcome": "missing"})
         jobs.append(job)
@@ -148,8 +148,8 @@ def expected_body(job: Planned, chaos: ChaosProvider) -> dict[str, Any]:
     assert answers, f"{job.doc}: delivered, but the fake never served it a good terminal answer"
     assert all(a == answers[0] for a in answers), f"{job.doc}: good answers differ"
     good = answers[0]
+    metadata = {**good["metadata"], **(job.metadata or {})} if "metadata" in good else None
     if job.event == "transcript_ready":
-        metadata = {**good["metadata"], **(job.metadata or {})}
         body = {
             "event_type": "transcript_ready",
             "secret": WEBHOOK_SECRET,
@@ -166,22 +166,23 @@ def expected_body(job: Planned, chaos: ChaosProvider) -> dict[str, Any]:
             "event_type": "transcript_failed",
             "secret": WEBHOOK_SECRET,
             "docId": job.doc,
-            "metadata": job.metadata,
+            "metadata": metadata,
             "error": good["error"],
         }
         return body | {k: good[k] for k in ("type", "createdAt")}
     assert job.event == "transcription.completed"
     pages = chaos.good_pages[job.doc]
     paragraphs: list[Any] = []
-    while len(paragraphs) in pages and len(paragraphs) < good["paragraph_count"]:
+    while len(paragraphs) in pages and len(paragraphs) < chaos.good_totals[job.doc]:
         paragraphs += pages[len(paragraphs)]
     body = {
         "event_type": "transcription.completed",
         "transcription_id": job.doc,
         "status": "completed",
-        "data": good,
+        "data": good["data"],
         "paragraphs": paragraphs,
         "text": "\n\n".join(p["text"] for p in paragraphs),
+        "billing": good["billing"],
     }
     return body | ({"metadata": job.metadata} if job.metadata else {})
 

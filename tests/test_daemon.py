@@ -30,8 +30,9 @@ async def test_spool_text_file_is_delivered_with_xosum_webhook_body(
     tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
 ) -> None:
     """A text spool file's job reaches the endpoint with every field of Xosum's webhook."""
+    summary = "The board reviews the quarter and agrees on the launch date."
     provider.add_job(
-        "doc-1", ready_after=0.2, title="Board meeting", metadata={"team": "a"}, resolution="hd"
+        "doc-1", ready_after=0.2, title="Board meeting", metadata={"team": "a"}, resolution=summary
     )
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
@@ -48,14 +49,14 @@ async def test_spool_text_file_is_delivered_with_xosum_webhook_body(
     assert body["event_type"] == "transcript_ready"
     assert body["secret"] == WEBHOOK_SECRET
     assert body["docId"] == "doc-1"
-    assert body["transcription"] == "This is the mock transcription of doc-1."
+    assert body["transcription"] == "Սա doc-1 ձայնագրության փորձնական վերծանումն է։"
     assert body["metadata"] == {"team": "a"}
     assert body["title"] == "Board meeting"
-    assert body["resolution"] == "hd"
+    assert body["resolution"] == summary
     assert body["link"] == "https://app.xosum.am/t/doc-1"
-    assert body["languageCode"] == "en"
-    assert body["type"] == "audio"
-    assert body["duration"] == 12.5
+    assert body["languageCode"] == "hy-AM"
+    assert body["type"] == "single_voice"
+    assert body["duration"] == 125.5
     assert body["createdAt"].endswith("Z")
     assert answer.outcome == "transcribed"
     assert got.headers["Content-Type"] == "application/json"
@@ -139,7 +140,7 @@ async def test_failed_jobs_go_only_to_endpoints_that_asked(
         assert list(failed[0]) == [
             "event_type", "secret", "docId", "metadata", "error", "type", "createdAt"
         ]  # fmt: skip
-        assert failed[0]["error"] == "audio could not be decoded"
+        assert failed[0]["error"] == "The audio could not be decoded."
         assert [r.json()["event_type"] for r in ignores.accepted] == ["transcript_ready"]
     finally:
         await r1.cleanup()

@@ -19,7 +19,8 @@ from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from tests.conftest import api, config_dict, eventually, make_config, running, settled
 
-PROGRESS = {"type": "audio", "duration": 100.0}
+# a phone call of 100 s: Xosum says so on every answer (`duration` from the first one here)
+PROGRESS = {"type": "phone_call", "duration": 100.0}
 
 
 async def test_learned_run_times_survive_a_restart(
@@ -28,18 +29,18 @@ async def test_learned_run_times_survive_a_restart(
     """Finished jobs teach how long jobs of their kind take; a restarted daemon still knows."""
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     for i in range(10):
-        provider.add_job(f"learn-{i}", ready_after=0.3, progress=PROGRESS, duration=100.0)
+        provider.add_job(f"learn-{i}", ready_after=0.3, progress=PROGRESS, **PROGRESS)
     async with running(config) as daemon:
-        assert daemon.poller.run_times.expect("main", Hints("audio", 100.0)) is None
+        assert daemon.poller.run_times.expect("main", Hints("phone_call", 100.0)) is None
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
         await eventually(lambda: settled(daemon, 10))
         rows = daemon.store.run_times()
     assert len(rows) == 10
     for name, kind, media, ran_for in rows:
-        assert (name, kind, media) == ("main", "audio", 100.0)
+        assert (name, kind, media) == ("main", "phone_call", 100.0)
         assert 0.1 < ran_for < 1.0  # done 0.3 s after registering: the middle of its last gap
     async with running(config) as daemon:
-        expected = daemon.poller.run_times.expect("main", Hints("audio", 100.0))
+        expected = daemon.poller.run_times.expect("main", Hints("phone_call", 100.0))
         assert expected is not None and 0.1 < expected.early < 0.35 < expected.late < 1.2
 
 
@@ -52,10 +53,10 @@ async def test_a_crowded_key_skips_polls_before_the_expected_finish(
     data = config_dict(tmp_path, provider.port, {"app": receiver.port}, adaptive_polling=adaptive)
     config = make_config(data, tmp_path)
     for i in range(10):
-        provider.add_job(f"learn-{i}", ready_after=1.0, progress=PROGRESS, duration=100.0)
+        provider.add_job(f"learn-{i}", ready_after=1.0, progress=PROGRESS, **PROGRESS)
     for i in range(6):  # crowd the key: 6 jobs x 0.1 s interval want more than 32 polls/s
-        provider.add_job(f"slow-{i}", ready_after=3600, progress=PROGRESS)
-    provider.add_job("young", ready_after=3600, progress=PROGRESS)
+        provider.add_job(f"slow-{i}", ready_after=3600, progress=PROGRESS, **PROGRESS)
+    provider.add_job("young", ready_after=3600, progress=PROGRESS, **PROGRESS)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
         await eventually(lambda: len(daemon.store.run_times()) == 10)

@@ -93,7 +93,10 @@ async def demo(jobs: int = 6) -> int:
     with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp:
         state = Path(tmp)
         provider, provider_runner, provider_port = await mock_provider.serve(
-            window=WINDOW, limit=LIMIT, ready_after=READY_AFTER
+            window=WINDOW,
+            limit=LIMIT,
+            ready_after=READY_AFTER,
+            cache_ages=mock_provider.scaled_cache_ages(WINDOW),
         )
         _receiver, receiver_runner, receiver_port = await mock_receiver.serve(
             on_receive=_print_received
@@ -110,7 +113,8 @@ async def demo(jobs: int = 6) -> int:
                 f"relayd demo: mock provider on :{provider_port} (limit {LIMIT} requests per "
                 f"{WINDOW:g}s window), receiver on :{receiver_port}, state in {tmp}"
             )
-            doc_ids = [f"demo-{i:02d}" for i in range(1, jobs + 1)]
+            # the last is a phone call: its transcript carries Xosum's speaker labels
+            doc_ids = [f"demo-{i:02d}" for i in range(1, jobs)] + [f"call-{jobs:02d}"]
             half = (len(doc_ids) + 1) // 2
             spool_file = config.settings.spool_dir / "batch.txt"
             spool_file.write_text("# submitted through the spool\n" + "\n".join(doc_ids[:half]))

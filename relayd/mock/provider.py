@@ -1,6 +1,11 @@
 """A local fake of the Xosum and Aitronos polling APIs, rate limit included (`mock-provider`).
 
-Instrumented for tests: it records every arrival and answer, and measures the busiest window.
+It answers in the providers' published shapes (`shared/providers/`; their JSON examples are the
+fixtures in `tests/fixtures/providers/`, and `tests/test_mock.py` holds every answer here to them
+field by field), so trying relayd against the mock is trying it against what the real services
+send. Options reproduce the races the documents allow: paragraphs that lag behind a `completed`
+status, and answers about another job. Instrumented for tests: it records every arrival and
+answer, and measures the busiest window.
 """
 
 from __future__ import annotations
@@ -15,25 +20,33 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
 OUTCOMES = ("transcribed", "failed", "missing")
 DEFAULT_PARAGRAPHS = 3
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
-EARLY_SHARE = 0.2  # the first fifth of a job's life reads "uploading" (Xosum) / "queued" (Aitronos)
+DEFAULT_DURATION = 125.5  # seconds of audio, as in Aitronos's example
+MAX_LIMIT = 1000  # Aitronos paragraphs: `limit` must be 1-1000
+# Aitronos's Cache-Control max-age: while queued/processing, and once completed/failed
+DOCUMENTED_CACHE_AGES = (5.0, 86400.0)
+# In-progress statuses by share of a job's life (the last one runs until it is done)
+XOSUM_STAGES = ((0.2, "uploading"), (0.4, "converting"), (1.0, "processing"))
+AITRONOS_STAGES = ((0.2, "queued"), (1.0, "processing"))
+XOSUM_BASE = ("docId", "status", "createdAt", "type", "duration", "metadata")
+AIT_TRANSCRIBE = "/v1/audio/transcribe"
 
 ApiHandler = Callable[[web.Request, float], Awaitable[web.Response]]
 
 
 @dataclass
 class MockJob:
-    """One job the mock knows. `fields` override the terminal answer (Xosum body, Aitronos data)."""
+    """One job the mock knows. `fields` override the terminal answer (Xosum body, Aitronos
+    `data`); Xosum base fields among them (`type`, `metadata`, ...) hold on every answer."""
 
     doc_id: str
     outcome: str  # "transcribed" | "failed" | "missing" (404 forever)
@@ -43,17 +56,45 @@ class MockJob:
     paragraphs: int = DEFAULT_PARAGRAPHS  # Aitronos paragraph count once completed
     progress: dict[str, Any] = field(default_factory=dict)  # extra fields while in progress
     pii_policies: list[str] | None = None  # Aitronos: answer with X-PII-Redacted/-Policies
+    duration: float = DEFAULT_DURATION  # the audio's length in seconds
+    paragraphs_lag: float = 0.0  # Aitronos: paragraphs answer 409 this long after `completed`
+    mixed_up: int = 0  # once finished, this many answers are about another job
 
     @property
     def finished_at(self) -> float:
         return self.first_seen + self.ready_after
 
-    def phase(self, now: float) -> str:
-        """'early', 'late' (both still in progress) or 'done' at `now`."""
-        age = now - self.first_seen
-        if age >= self.ready_after:
-            return "done"
-        return "early" if age < EARLY_SHARE * self.ready_after else "late"
+    def stage(self, now: float, stages: tuple[tuple[float, str], ...]) -> tuple[str | None, float]:
+        """(the in-progress status at `now`, or None once finished; when that stage began)."""
+        if now - self.first_seen >= self.ready_after:
+            return None, self.finished_at
+        began = self.first_seen
+        for end, name in stages:
+            until = self.first_seen + end * self.ready_after
+            if now < until:
+                return name, began
+            began = until
+        return stages[-1][1], began  # pragma: no cover - the last stage ends at ready_after
+
+    @property
+    def media_type(self) -> str:
+        """Xosum's `type`: `single_voice`, or `phone_call` for ids that start with "call"."""
+        kind = self.fields.get("type")
+        if isinstance(kind, str):
+            return kind
+        return "phone_call" if self.doc_id.startswith("call") else "single_voice"
+
+    def take_mixed_up(self) -> bool:
+        """Whether this finished answer is served about another job (and count it)."""
+        if self.mixed_up <= 0:
+            return False
+        self.mixed_up -= 1
+        return True
+
+    def someone_else(self) -> MockJob:
+        """The finished job whose answer a mixed-up proxy serves instead of this one's."""
+        other = "trans_someone_else" if self.doc_id.startswith("trans_") else "someone-else"
+        return replace(self, doc_id=other, outcome="transcribed", fields={})
 
 
 class MockProvider:
@@ -71,22 +112,24 @@ class MockProvider:
         ready_after: float = 2.0,
         api_keys: Collection[str] | None = None,
         clock: Callable[[], float] = time.time,
-        aitronos_max_age: float = 0,
+        cache_ages: tuple[float, float] = DOCUMENTED_CACHE_AGES,
     ) -> None:
         if window <= 0 or limit < 1:
             raise ValueError("window must be > 0 and limit >= 1")
+        if len(cache_ages) != 2 or min(cache_ages) < 0:
+            raise ValueError("cache_ages must be two numbers >= 0")
         self.window = window
         self.limit = limit
         self.ready_after = ready_after
         self.api_keys = None if api_keys is None else frozenset(api_keys)
         self.clock = clock
-        self.aitronos_max_age = aitronos_max_age
+        self.cache_ages = cache_ages
         self.jobs: dict[str, MockJob] = {}
         self.arrivals: list[tuple[float, str]] = []
         self.rejected = 0
         self.status_counts: collections.Counter[int] = collections.Counter()
         self._windows: dict[str, tuple[int, int]] = {}  # key -> (window index, requests in it)
-        self._trace_ids = itertools.count(1)
+        self._ids = itertools.count(1)
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -99,12 +142,16 @@ class MockProvider:
         paragraphs: int = DEFAULT_PARAGRAPHS,
         progress: dict[str, Any] | None = None,
         pii_policies: list[str] | None = None,
+        duration: float = DEFAULT_DURATION,
+        paragraphs_lag: float = 0.0,
+        mixed_up: int = 0,
         **fields: Any,
     ) -> MockJob:
         """Register (or re-register) a job now; `fields` override its terminal answer and
         `progress` adds fields to its in-progress answers (e.g. the audio's `duration`)."""
         ready = self.ready_after if ready_after is None else ready_after
-        _check_job(doc_id, outcome, ready, paragraphs)
+        options = {"duration": duration, "paragraphs_lag": paragraphs_lag, "mixed_up": mixed_up}
+        _check_job(doc_id, outcome, ready, paragraphs, options)
         if progress is not None and not isinstance(progress, dict):
             raise ValueError(f"progress must be an object, not {progress!r}")
         job = MockJob(
@@ -116,6 +163,9 @@ class MockProvider:
             paragraphs,
             dict(progress or {}),
             None if pii_policies is None else [str(p) for p in pii_policies],
+            float(duration),
+            float(paragraphs_lag),
+            mixed_up,
         )
         self.jobs[doc_id] = job
         return job
@@ -180,9 +230,9 @@ class MockProvider:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/getTranscription", self._api(self._xosum, envelope=False))
-        app.router.add_get("/v1/audio/transcribe/{id}", self._api(self._ait_status, envelope=True))
+        app.router.add_get(f"{AIT_TRANSCRIBE}/{{id}}", self._api(self._ait_status, envelope=True))
         app.router.add_get(
-            "/v1/audio/transcribe/{id}/paragraphs", self._api(self._ait_paragraphs, envelope=True)
+            f"{AIT_TRANSCRIBE}/{{id}}/paragraphs", self._api(self._ait_paragraphs, envelope=True)
         )
         app.router.add_post("/_mock/jobs", self._control_add)
         app.router.add_get("/_mock/jobs", self._control_list)
@@ -214,20 +264,20 @@ class MockProvider:
         if used > self.limit:
             self.rejected += 1
             wait = max(1, math.ceil(round((index + 1) * self.window - now, 6)))
-            response = self._error(envelope, 429, "RATE_LIMIT_EXCEEDED", "rate limited")
+            if envelope:
+                response = self._ait_error(
+                    now, 429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded", {"retry_after": wait}
+                )
+            else:
+                response = web.json_response({"error": "rate limited"}, status=429)
             response.headers[hdrs.RETRY_AFTER] = str(wait)
             return response
         scheme, _, token = key.partition(" ")
         if self.api_keys is not None and (scheme.lower() != "bearer" or token not in self.api_keys):
-            return self._error(envelope, 401, "UNAUTHORIZED", "unauthorized")
+            if envelope:
+                return self._ait_error(now, 401, "UNAUTHORIZED", "Invalid API key", {})
+            return web.json_response({"error": "unauthorized"}, status=401)
         return None
-
-    def _error(self, envelope: bool, status: int, code: str, message: str) -> web.Response:
-        if not envelope:
-            return web.json_response({"error": message}, status=status)
-        trace_id = f"mock-{next(self._trace_ids):06d}"
-        body = {"code": code, "message": message, "trace_id": trace_id}
-        return web.json_response({"success": False, "error": body}, status=status)
 
     # -- Xosum -----------------------------------------------------------------------------------
 
@@ -238,86 +288,165 @@ class MockProvider:
         job = self._job(doc_id, now)
         if job.outcome == "missing":
             return web.json_response({"error": "document not found"}, status=404)
-        phase = job.phase(now)
-        if phase != "done":
-            status = "uploading" if phase == "early" else "processing"
-            return web.json_response({"docId": doc_id, "status": status} | job.progress)
-        body: dict[str, Any]
-        if job.outcome == "failed":
-            body = {"docId": doc_id, "status": "failed", "error": "audio could not be decoded"}
-            body |= {"type": "audio", "createdAt": _iso(job.first_seen)}
-        else:
-            body = {
-                "docId": doc_id,
-                "status": "transcribed",
-                "title": f"Recording {doc_id}",
-                "transcription": f"This is the mock transcription of {doc_id}.",
-                "metadata": {},
-                "resolution": None,
-                "languageCode": "en",
-                "type": "audio",
-                "duration": 12.5,
-                "createdAt": _iso(job.first_seen),
-            }
-        return web.json_response(body | job.fields)
+        status, _ = job.stage(now, XOSUM_STAGES)
+        if status is None and job.take_mixed_up():
+            job = job.someone_else()
+        return web.json_response(_xosum_answer(job, status))
 
     # -- Aitronos --------------------------------------------------------------------------------
 
     async def _ait_status(self, request: web.Request, now: float) -> web.Response:
         job = self._job(request.match_info["id"], now)
         if job.outcome == "missing":
-            return self._error(True, 404, "TRANSCRIPTION_NOT_FOUND", "transcription not found")
-        phase = job.phase(now)
-        status = {"early": "queued", "late": "processing"}.get(phase)
-        completed = status is None and job.outcome == "transcribed"
+            return self._ait_not_found(now, job.doc_id)
+        status, since = job.stage(now, AITRONOS_STAGES)
+        if status is None and job.take_mixed_up():
+            job = job.someone_else()
+        status = status or ("completed" if job.outcome == "transcribed" else "failed")
         data: dict[str, Any] = {
-            "id": job.doc_id,
-            "status": status or ("completed" if completed else "failed"),
-            "created_at": _iso(job.first_seen),
-            "language": "en",
-            "duration_seconds": 12.5,
-            "paragraph_count": job.paragraphs if completed else 0,
+            "transcription_id": job.doc_id,
+            "status": status,
+            "model_key": "fvt-1",
+            "audio_metadata": {
+                "url": f"https://storage.example.com/{quote(job.doc_id, safe='')}.mp3",
+                "duration_seconds": job.duration,
+                "language_code": "en",
+            },
+            "timestamps": {"created_at": _iso(job.first_seen), "updated_at": _iso(since)},
         }
-        if phase == "done":
-            if not completed:
-                data["error"] = "audio could not be decoded"
+        if status == "completed":
+            data["timestamps"] |= {
+                "completed_at": _iso(since),
+                "processing_time_seconds": float(round(job.ready_after, 1)),
+            }
+        if status in ("completed", "failed"):
             data |= job.fields
-        return self._cacheable(request, data, _pii_headers(job))
+        consumed = math.ceil(job.duration)
+        billing = {
+            "synapses_consumed": consumed,
+            "synapses_refunded": consumed if status == "failed" else 0,
+            "currency": "synapses",
+        }
+        # only the documented final statuses are cached for long (a test may override `status`)
+        active = data["status"] not in ("completed", "failed")
+        link = self._ait_link(request, job.doc_id)
+        actions = {"check_status": link}
+        if status == "completed":
+            actions |= _format_links(link)
+            actions["search"] = f"{link}/search"
+            if job.pii_policies is not None:
+                actions["redacted_audio"] = f"{link}/redacted-audio"
+        # Like the service: a status still in progress is refreshed upstream (the examples'
+        # `upstream_refreshed`), a finished one is served as stored.
+        metadata = self._status_metadata(now, refreshed=active)
+        return self._cacheable(
+            request,
+            {"success": True, "data": data, "billing": billing, "metadata": metadata},
+            actions,
+            identity=(data, billing),
+            max_age=self.cache_ages[0 if active else 1],
+            modified=since,
+            extra=_pii_headers(job),
+        )
 
     async def _ait_paragraphs(self, request: web.Request, now: float) -> web.Response:
         job = self._job(request.match_info["id"], now)
         if job.outcome == "missing":
-            return self._error(True, 404, "TRANSCRIPTION_NOT_FOUND", "transcription not found")
+            return self._ait_not_found(now, job.doc_id)
         try:
-            limit = min(_int_query(request, "limit", DEFAULT_PAGE, minimum=1), MAX_PAGE)
-            offset = _int_query(request, "offset", 0, minimum=0)
+            limit = _int_query(request, "limit", 1, MAX_LIMIT)
+            offset = _int_query(request, "offset", 0, None) or 0
         except ValueError as exc:
-            return self._error(True, 400, "INVALID_PARAMETER", str(exc))
-        if job.outcome != "transcribed" or job.phase(now) != "done":
-            return self._error(
-                True, 409, "TRANSCRIPTION_NOT_COMPLETE", "transcription not complete"
+            name, _, problem = str(exc).partition(":")
+            return self._ait_error(
+                now, 422, "VALIDATION_ERROR", problem.strip(), {"parameter": name}
             )
-        stop = min(offset + limit, job.paragraphs)
+        status, _ = job.stage(now, AITRONOS_STAGES)
+        if job.outcome != "transcribed" or now < job.finished_at + job.paragraphs_lag:
+            current = status or ("failed" if job.outcome == "failed" else "processing")
+            return self._ait_error(
+                now,
+                409,
+                "TRANSCRIPTION_NOT_COMPLETE",
+                "Transcription is not completed yet",
+                {"transcription_id": job.doc_id, "current_status": current},
+            )
+        total = job.paragraphs
+        stop = total if limit is None else min(offset + limit, total)
         items = [_paragraph(job.doc_id, i) for i in range(offset, stop)]
         data = {
+            "transcription_id": job.doc_id,
+            "audio_duration_seconds": job.duration,
             "paragraphs": items,
-            "total_count": job.paragraphs,
-            "limit": limit,
-            "offset": offset,
+            "billing": None,
         }
-        return self._cacheable(request, data, _pii_headers(job))
+        metadata = {
+            "request_id": self._request_id(),
+            "timestamp": _iso(now),
+            "processing_time_ms": 120,
+            "upstream_latency_ms": 95,
+            "retry_attempts": 0,
+            "cache_hit": False,
+            "total_count": total,
+            "returned_count": len(items),
+        }
+        link = self._ait_link(request, job.doc_id)
+        actions = _format_links(link)
+        actions.pop("get_paragraphs", None)
+        page = limit if limit is not None else max(offset, 1)
+        if stop < total:
+            actions["next"] = f"{link}/paragraphs?limit={page}&offset={stop}"
+        if offset > 0:
+            actions["previous"] = f"{link}/paragraphs?limit={page}&offset={max(0, offset - page)}"
+        return self._cacheable(
+            request,
+            {"success": True, "data": data, "metadata": metadata},
+            actions,
+            identity=data,
+            max_age=self.cache_ages[1],  # completed paragraphs are immutable
+            modified=job.finished_at,
+            extra=_pii_headers(job),
+        )
+
+    def _ait_link(self, request: web.Request, doc_id: str) -> str:
+        return f"{request.scheme}://{request.host}{AIT_TRANSCRIBE}/{quote(doc_id, safe='')}"
+
+    def _status_metadata(self, now: float, *, refreshed: bool) -> dict[str, Any]:
+        """A status answer's request metadata, keys in the documented order."""
+        metadata: dict[str, Any] = {
+            "request_id": self._request_id(),
+            "timestamp": _iso(now),
+            "processing_time_ms": 1250 if refreshed else 52,
+            "upstream_refreshed": refreshed,
+        }
+        if refreshed:
+            metadata |= {"upstream_latency_ms": 1200, "retry_attempts": 0}
+        return metadata
+
+    def _request_id(self) -> str:
+        return f"req_{next(self._ids):032x}"
 
     def _cacheable(
-        self, request: web.Request, data: dict[str, Any], extra: dict[str, str] | None = None
+        self,
+        request: web.Request,
+        envelope: dict[str, Any],
+        actions: dict[str, str],
+        *,
+        identity: Any,
+        max_age: float,
+        modified: float,
+        extra: dict[str, str],
     ) -> web.Response:
-        """A success envelope with ETag and Cache-Control; 304 when If-None-Match matches."""
-        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        """A success envelope with ETag, Last-Modified and Cache-Control; 304 when If-None-Match
+        matches. The ETag is the resource's (`identity`), not the request metadata's."""
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         etag = '"' + hashlib.sha256(canonical.encode()).hexdigest()[:24] + '"'
-        age = self.aitronos_max_age
+        age = int(max_age) if float(max_age).is_integer() else max_age
         headers = {
             hdrs.ETAG: etag,
-            hdrs.CACHE_CONTROL: f"max-age={int(age) if float(age).is_integer() else age}",
-            **(extra or {}),
+            hdrs.LAST_MODIFIED: formatdate(modified, usegmt=True),
+            hdrs.CACHE_CONTROL: f"public, max-age={age}",
+            **extra,
         }
         candidates = {
             c.strip().removeprefix("W/")
@@ -325,7 +454,28 @@ class MockProvider:
         }
         if etag in candidates or "*" in candidates:
             return web.Response(status=304, headers=headers)
-        return web.json_response({"success": True, "data": data}, headers=headers)
+        return web.json_response(envelope | {"actions": actions}, headers=headers)
+
+    def _ait_not_found(self, now: float, doc_id: str) -> web.Response:
+        return self._ait_error(
+            now, 404, "NOT_FOUND", "Transcription not found", {"transcription_id": doc_id}
+        )
+
+    def _ait_error(
+        self, now: float, status: int, code: str, system_message: str, details: dict[str, Any]
+    ) -> web.Response:
+        """Aitronos's documented error envelope."""
+        error = {
+            "code": code,
+            "message": _MESSAGES.get(code, system_message),
+            "system_message": system_message,
+            "type": "client_error" if status < 500 else "server_error",
+            "status": status,
+            "details": details,
+            "trace_id": f"mock-{next(self._ids):06d}",
+            "timestamp": _iso(now),
+        }
+        return web.json_response({"success": False, "error": error}, status=status)
 
     # -- control (not rate limited, not counted) -------------------------------------------------
 
@@ -349,6 +499,7 @@ class MockProvider:
                     options["outcome"],
                     options.get("ready_after", self.ready_after),
                     options.get("paragraphs", DEFAULT_PARAGRAPHS),
+                    options,
                 )
                 if not isinstance(options.get("progress", {}), dict):
                     raise ValueError("progress must be an object")
@@ -371,15 +522,95 @@ class MockProvider:
         return web.json_response(self.stats())
 
 
-def _check_job(doc_id: Any, outcome: Any, ready_after: Any, paragraphs: Any) -> None:
+_MESSAGES = {  # the user-facing `message` of Aitronos's error envelopes
+    "NOT_FOUND": "We couldn't find the resource you're looking for.",
+    "TRANSCRIPTION_NOT_COMPLETE": "This transcription is still being processed.",
+    "VALIDATION_ERROR": "The request is not valid.",
+    "RATE_LIMIT_EXCEEDED": "Too many requests. Please slow down.",
+    "UNAUTHORIZED": "Authentication failed.",
+}
+
+
+def _xosum_answer(job: MockJob, status: str | None) -> dict[str, Any]:
+    """Xosum's answer: the base fields always (`duration` once the upload is in), the
+    transcript fields once `transcribed`, `error` once `failed`."""
+    answer: dict[str, Any] = {
+        "docId": job.doc_id,
+        "status": status or job.outcome,
+        "createdAt": _iso(job.first_seen),
+        "type": job.media_type,
+        "duration": None if status == "uploading" else job.duration,
+        "metadata": {},
+    }
+    answer |= {k: v for k, v in job.fields.items() if k in XOSUM_BASE and k != "status"}
+    if status is not None:
+        return answer | job.progress
+    if job.outcome == "failed":
+        answer["error"] = "The audio could not be decoded."
+    else:
+        answer |= {
+            "transcription": _xosum_text(job),
+            "title": f"Ձայնագրություն {job.doc_id}",
+            "resolution": (
+                f"Ձայնագրությունում ({job.doc_id}) խոսնակը ներկայացնում է օրվա աշխատանքը, "
+                "նշում է հաջորդ քայլերը և ամփոփում է քննարկումը։"
+            ),
+            "languageCode": "hy-AM",
+        }
+    return answer | job.fields
+
+
+def _xosum_text(job: MockJob) -> str:
+    """Plain text for `single_voice`; a `phone_call` is diarized with Xosum's speaker labels."""
+    if job.media_type == "phone_call":
+        return (
+            f"Խոսնակ 1: Բարև ձեզ, զանգում եմ {job.doc_id} հայտի մասին։\n"
+            "Խոսնակ 2: Բարև, լսում եմ ձեզ։\n"
+            "Խոսնակ 1: Շնորհակալություն, ցտեսություն։"
+        )
+    return f"Սա {job.doc_id} ձայնագրության փորձնական վերծանումն է։"
+
+
+def _format_links(link: str) -> dict[str, str]:
+    """Aitronos's links to the other formats of a completed transcript, in its order."""
+    return {
+        "get_paragraphs": f"{link}/paragraphs",
+        "get_sentences": f"{link}/sentences",
+        "get_subtitles_srt": f"{link}/subtitles/srt",
+        "get_subtitles_vtt": f"{link}/subtitles/vtt",
+        "get_subtitles_txt": f"{link}/subtitles/txt",
+    }
+
+
+def _check_job(
+    doc_id: Any, outcome: Any, ready_after: Any, paragraphs: Any, options: dict[str, Any]
+) -> None:
     if not isinstance(doc_id, str) or not doc_id:
         raise ValueError("docId must be a non-empty string")
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-    if isinstance(ready_after, bool) or not isinstance(ready_after, int | float) or ready_after < 0:
+    if not _number(ready_after):
         raise ValueError(f"ready_after must be a number >= 0, not {ready_after!r}")
     if isinstance(paragraphs, bool) or not isinstance(paragraphs, int) or paragraphs < 0:
         raise ValueError(f"paragraphs must be an integer >= 0, not {paragraphs!r}")
+    duration = options.get("duration", DEFAULT_DURATION)
+    if not _number(duration) or duration == 0:
+        raise ValueError(f"duration must be a number > 0, not {duration!r}")
+    if not _number(options.get("paragraphs_lag", 0)):
+        raise ValueError(f"paragraphs_lag must be a number >= 0, not {options['paragraphs_lag']!r}")
+    mixed = options.get("mixed_up", 0)
+    if isinstance(mixed, bool) or not isinstance(mixed, int) or mixed < 0:
+        raise ValueError(f"mixed_up must be an integer >= 0, not {mixed!r}")
+
+
+def _number(value: Any) -> bool:
+    """A finite number >= 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _pii_headers(job: MockJob) -> dict[str, str]:
@@ -399,24 +630,21 @@ def _iso(t: float) -> str:
 
 
 def _paragraph(doc_id: str, i: int) -> dict[str, Any]:
-    return {
-        "index": i,
-        "text": f"Paragraph {i} of {doc_id}.",
-        "start": i * 4.0,
-        "end": i * 4.0 + 3.5,
-    }
+    return {"text": f"Paragraph {i} of {doc_id}.", "start": i * 4.0 + 0.5, "end": i * 4.0 + 3.5}
 
 
-def _int_query(request: web.Request, name: str, default: int, *, minimum: int) -> int:
+def _int_query(request: web.Request, name: str, low: int, high: int | None) -> int | None:
+    """An integer query parameter in [low, high], or None when absent."""
     raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
+    if raw is None:
+        return None
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}")
+        raise ValueError(f"{name}: {name} must be an integer, not {raw[:40]!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name}: {name} must be {bounds}")
     return value
 
 
@@ -431,7 +659,16 @@ def _job_json(job: MockJob) -> dict[str, Any]:
         "fields": job.fields,
         "progress": job.progress,
         "pii_policies": job.pii_policies,
+        "duration": job.duration,
+        "paragraphs_lag": job.paragraphs_lag,
+        "mixed_up": job.mixed_up,
     }
+
+
+def scaled_cache_ages(window: float) -> tuple[float, float]:
+    """Aitronos's documented max-age values, compressed like a `window` of less than 60 s."""
+    scale = window / 60.0
+    return (DOCUMENTED_CACHE_AGES[0] * scale, DOCUMENTED_CACHE_AGES[1] * scale)
 
 
 async def serve(
@@ -442,7 +679,7 @@ async def serve(
     limit: int = 60,
     ready_after: float = 2.0,
     api_keys: Collection[str] | None = None,
-    aitronos_max_age: float = 0,
+    cache_ages: tuple[float, float] = DOCUMENTED_CACHE_AGES,
     clock: Callable[[], float] = time.time,
 ) -> tuple[MockProvider, web.AppRunner, int]:
     """Start a provider on a TCP site; the caller owns the runner (`await runner.cleanup()`)."""
@@ -451,7 +688,7 @@ async def serve(
         limit=limit,
         ready_after=ready_after,
         api_keys=api_keys,
-        aitronos_max_age=aitronos_max_age,
+        cache_ages=cache_ages,
         clock=clock,
     )
     runner = web.AppRunner(provider.app(), access_log=None)
@@ -465,7 +702,13 @@ async def serve(
 
 
 async def _serve_until_signalled(port: int, window: float, limit: int, ready_after: float) -> None:
-    _, runner, bound = await serve(port=port, window=window, limit=limit, ready_after=ready_after)
+    _, runner, bound = await serve(
+        port=port,
+        window=window,
+        limit=limit,
+        ready_after=ready_after,
+        cache_ages=scaled_cache_ages(window),
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
