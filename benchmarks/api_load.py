@@ -43,8 +43,8 @@ from pathlib import Path
 
 import aiohttp
 
-from relayd.intake.envelope import Submission
-from relayd.store import Store
+from relayd.models import Submission
+from relayd.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -234,7 +234,7 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
 
 
 def store_rate(tmp: Path, jobs: int) -> Row:
-    store = Store(tmp / "raw" / "relayd.db")
+    store = SqliteStore(tmp / "raw" / "relayd.db")
     try:
         t0 = time.perf_counter()
         for i in range(jobs):
@@ -277,7 +277,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
             rows.append(await measured(name, daemon, sock, bodies, args, args.jobs))
         finally:
             await stop(daemon)
-        check = Store(where / "state" / "relayd.db", readonly=True)
+        check = SqliteStore(where / "state" / "relayd.db", readonly=True)
         try:
             stored = sum(sum(c.values()) for c in check.job_counts().values())
         finally:

@@ -23,8 +23,8 @@ import aiohttp
 
 from relayd.config import parse_config
 from relayd.daemon import Daemon
-from relayd.intake.envelope import Submission
-from relayd.store import JobState, NewDelivery, Store
+from relayd.models import JobState, NewDelivery, Submission
+from relayd.store import SqliteStore
 
 RECEIVER = """
 import sys
@@ -91,7 +91,7 @@ async def relayd(port: int, n: int, in_flight: int, state: Path) -> tuple[float,
         base_dir=state,
         env={},
     )  # fmt: skip
-    store = Store(state / "relayd.db")
+    store = SqliteStore(state / "relayd.db")
     jobs = store.add_jobs([Submission(f"bench-{i:06d}", "main") for i in range(n)], source="bench",
                           now=time.time())  # fmt: skip
     for i, (job, _) in enumerate(jobs):

@@ -38,9 +38,9 @@ import aiohttp
 
 from relayd.config import parse_config
 from relayd.daemon import Daemon
-from relayd.intake.envelope import Submission
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
+from relayd.models import Submission
 
 SCALE = 30.0  # compressed time: 1 s here stands for 30 s
 WINDOW = 60.0 / SCALE  # rate_window

@@ -46,8 +46,8 @@ from typing import Any
 
 import aiohttp
 
-from relayd.intake.envelope import Submission
-from relayd.store import Store
+from relayd.models import Submission
+from relayd.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -172,7 +172,7 @@ def key_env(keys: int) -> dict[str, str]:
 def prefill(db: Path, jobs: int, keys: int) -> float:
     """Store `jobs` polling jobs, spread evenly over the providers; return the seconds it took."""
     started = time.perf_counter()
-    store = Store(db)
+    store = SqliteStore(db)
     now = time.time()
     batch: list[Submission] = []
     for i in range(jobs):

@@ -34,9 +34,9 @@ import aiohttp
 
 from relayd.config import parse_config
 from relayd.daemon import Daemon
-from relayd.intake.envelope import Submission
 from relayd.logs import TextFormatter
-from relayd.store import Job, Store
+from relayd.models import Job, Submission
+from relayd.store import SqliteStore
 
 WRITER = r"""
 import json, os, sys, time
@@ -165,7 +165,7 @@ async def burst(n: int, rate: float, tmp: Path) -> dict[str, float]:
 
 def baseline(n: int, tmp: Path) -> float:
     """Files/s when every file is its own commit: add_jobs once per id, nothing else."""
-    store = Store(tmp / "baseline.db")
+    store = SqliteStore(tmp / "baseline.db")
     started = time.perf_counter()
     for i in range(n):
         store.add_jobs([Submission(f"base-{i}", "main")], source="spool", now=time.time())

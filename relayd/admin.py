@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from relayd.intake.envelope import MAX_BYTES, IntakeError, check_job_id, load_json, parse_json
+from relayd.errors import IntakeError, StoreError
+from relayd.intake.envelope import MAX_BYTES, check_job_id, load_json, parse_json
 from relayd.metrics import CONTENT_TYPE
-from relayd.store import FINAL_JOB_STATES, JobState, StoreError
+from relayd.models import FINAL_JOB_STATES, JobState
 
 if TYPE_CHECKING:
     from relayd.daemon import Daemon

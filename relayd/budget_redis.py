@@ -27,6 +27,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from relayd.budget import BURST_SHARE
+from relayd.errors import SharedBudgetUnavailable
 
 EPOCH_TTL = 7 * 24 * 3600  # seconds the reset marker outlives the key's last use
 KEY_PARTS = ("slots", "seq", "bucket", "blocked", "hungry", "epoch", "seen")
@@ -207,10 +208,6 @@ return {
   redis.call('EXISTS', K_epoch),
 }
 """
-
-
-class SharedBudgetUnavailable(Exception):
-    """Redis cannot be reached or answered an error; the caller degrades."""
 
 
 @dataclass(frozen=True)

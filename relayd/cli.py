@@ -14,11 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from relayd.errors import CliError
+
 EX_CONFIG = 78
-
-
-class CliError(Exception):
-    """A failure to report in one line and exit 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from relayd.config import ConfigError
+    from relayd.errors import ConfigError
 
     try:
         return int(args.func(args))
@@ -112,13 +110,14 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _open_store(config: Any, *, write: bool = False) -> Any:
-    from relayd.store import Store, StoreError
+    from relayd.errors import StoreError
+    from relayd.store import DATABASE, open_store
 
-    path = config.settings.state_dir / "relayd.db"
+    path = config.settings.state_dir / DATABASE
     if not path.exists():
         raise CliError(f"no database at {path} (has relayd run with this config?)")
     try:
-        return Store(path, readonly=not write)
+        return open_store(config.settings.state_dir, readonly=not write)
     except StoreError as exc:
         raise CliError(str(exc)) from None
 
@@ -221,7 +220,7 @@ def _key_rows(providers: dict[str, Any]) -> list[list[Any]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from relayd import daemon, logs
-    from relayd.store import StoreError
+    from relayd.errors import StoreError
 
     config = _config(args)
     logs.setup(config.settings.log_level, config.settings.log_format)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
 
+from relayd.errors import ConfigError
 from relayd.signing import decode_secret
 
 log = logging.getLogger("relayd.config")
@@ -41,14 +42,6 @@ _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>[0-9]{1,5})")
 _HEADER = re.compile(r"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*:\s*|\s+)?(?P<prefix>\S*)")
 _T = TypeVar("_T")
-
-
-class ConfigError(Exception):
-    """The config is unusable; `problems` lists every problem, each naming its TOML path."""
-
-    def __init__(self, problems: str | Iterable[str]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 @dataclass(frozen=True)

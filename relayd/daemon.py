@@ -23,18 +23,20 @@ from aiohttp import web
 from relayd import __version__
 from relayd.admin import make_app, make_runner
 from relayd.clock import Clock, SystemClock
-from relayd.config import Config, ConfigError, load_config
+from relayd.config import Config, load_config
 from relayd.delivery import Deliverer
-from relayd.intake.envelope import Catalog, Submission
+from relayd.errors import ConfigError, StoreError
+from relayd.intake.envelope import Catalog
 from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
 from relayd.metrics import Metrics
+from relayd.models import Job, JobState, Submission
 from relayd.poller import Poller
 from relayd.providers.aitronos import AitronosProvider
 from relayd.providers.base import Provider
 from relayd.providers.xosum import XosumProvider
 from relayd.sdnotify import Notifier
-from relayd.store import Job, JobState, Store, StoreError
+from relayd.store import Store, open_store
 
 log = logging.getLogger("relayd.daemon")
 
@@ -121,7 +123,7 @@ class Daemon:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         config = self.config
         settings = config.settings
-        self.store = Store(settings.state_dir / "relayd.db")
+        self.store = open_store(settings.state_dir)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
         )

@@ -19,10 +19,12 @@ import aiohttp
 from relayd import __version__
 from relayd.clock import Clock
 from relayd.config import Config, EndpointConfig
+from relayd.errors import StoreError
 from relayd.metrics import Metrics
+from relayd.models import AttemptOutcome, Delivery
 from relayd.retry import backoff, gate_delay, parse_retry_after
 from relayd.signing import decode_secret, sign
-from relayd.store import Delivery, Store, StoreError
+from relayd.store import Store
 
 log = logging.getLogger("relayd.delivery")
 
@@ -185,7 +187,7 @@ class Deliverer:
                 duration=duration,
                 status=outcome.status,
                 error=None,
-                outcome="delivered",
+                outcome=AttemptOutcome.DELIVERED,
             ):
                 self.metrics.deliveries.labels(endpoint.name, "success").inc()
                 self.metrics.delivery_latency.observe(max(0.0, now - d.created_at))
@@ -210,7 +212,7 @@ class Deliverer:
                 duration=duration,
                 status=outcome.status,
                 error=outcome.error,
-                outcome="dead",
+                outcome=AttemptOutcome.DEAD,
             ):
                 self.metrics.deliveries.labels(endpoint.name, "dead").inc()
                 log.error("delivery dead after %d attempts: %s", attempts, outcome.error, extra=ctx)
@@ -226,7 +228,7 @@ class Deliverer:
             duration=duration,
             status=outcome.status,
             error=outcome.error,
-            outcome="deferred" if deferral else "retry",
+            outcome=AttemptOutcome.DEFERRED if deferral else AttemptOutcome.RETRY,
             next_attempt_at=now + delay,
             spend=not deferral,
         )

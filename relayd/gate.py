@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 import redis.asyncio
 
-from relayd.budget_redis import Denied, SharedBudget, SharedBudgetUnavailable
+from relayd.budget_redis import Denied, SharedBudget
+from relayd.errors import SharedBudgetUnavailable
 
 log = logging.getLogger("relayd.gate")
 

@@ -21,20 +21,13 @@ from relayd.budget import Budget, next_window_start
 from relayd.cadence import RunTimes, backlog_period, next_delay
 from relayd.clock import Clock
 from relayd.config import Config, ProviderConfig
+from relayd.errors import NotFound, ProviderError, RateLimited, Retryable, StoreError, Unauthorized
 from relayd.metrics import Metrics
-from relayd.providers.base import (
-    Answer,
-    Finished,
-    NotFound,
-    Provider,
-    ProviderError,
-    RateLimited,
-    Retryable,
-    Unauthorized,
-)
+from relayd.models import Job, JobState, NewDelivery, PollOutcome
+from relayd.providers.base import Answer, Finished, Provider
 from relayd.retry import parse_retry_after, poll_backoff
 from relayd.scheduler import Schedule
-from relayd.store import Job, JobState, NewDelivery, Store, StoreError
+from relayd.store import Store
 
 if TYPE_CHECKING:  # redis-py is an optional extra: the gate is imported only when it is used
     from relayd.gate import SharedBudgets, SharedGate
@@ -484,7 +477,9 @@ class Poller:
                 log.warning("job unknown to the provider", extra=ctx)
                 return None
             due = now + pc.poll_interval
-            self._record(job, now, 404, "not_found", str(exc), due, job.errors, job.not_found + 1)
+            self._record(
+                job, now, 404, PollOutcome.NOT_FOUND, str(exc), due, job.errors, job.not_found + 1
+            )
             return due
         except ProviderError as exc:
             return self._failed_poll(job, pc, exc, ctx)
@@ -510,7 +505,7 @@ class Poller:
             job,
             now,
             outcome.http_status,
-            "pending",
+            PollOutcome.PENDING,
             None,
             due,
             0,
@@ -528,7 +523,9 @@ class Poller:
         errors = job.errors + 1
         due = now + poll_backoff(errors, pc.poll_interval)
         log.warning("poll failed (%d in a row): %s", errors, exc, extra=ctx)
-        self._record(job, now, None, "error", str(exc), due, errors, job.not_found, exc.status)
+        self._record(
+            job, now, None, PollOutcome.ERROR, str(exc), due, errors, job.not_found, exc.status
+        )
         return due
 
     def _record(
@@ -536,7 +533,7 @@ class Poller:
         job: Job,
         now: float,
         http_status: int | None,
-        outcome: str,
+        outcome: PollOutcome,
         detail: str | None,
         due: float,
         errors: int,

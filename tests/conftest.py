@@ -18,7 +18,7 @@ from relayd.config import Config, parse_config
 from relayd.daemon import Daemon, totals
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
-from relayd.store import JobState
+from relayd.models import JobState
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 
 API_KEY = "test-key-0001"

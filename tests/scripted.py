@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from relayd.config import ProviderConfig, parse_config
+from relayd.models import Job, JobState
 from relayd.providers.base import Answer
-from relayd.store import Job, JobState
 
 FIXTURES = Path(__file__).parent / "fixtures" / "providers"
 API_KEY = "contract-test-key-0001"

@@ -20,10 +20,10 @@ import pytest
 from relayd import admin
 from relayd.config import parse_config
 from relayd.daemon import Daemon
-from relayd.intake.envelope import MAX_BYTES, Submission
+from relayd.intake.envelope import MAX_BYTES
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from relayd.store import NewDelivery
+from relayd.models import NewDelivery, Submission
 from tests.conftest import ENV, api, config_dict, make_config, running
 
 TOKEN = "s3cret-token"

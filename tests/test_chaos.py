@@ -26,7 +26,7 @@ from aiohttp import web
 from relayd.config import Config, parse_config
 from relayd.daemon import Daemon
 from relayd.mock.receiver import Receiver
-from relayd.store import JobState
+from relayd.models import JobState
 from tests.chaos_provider import FAULTS, ChaosProvider
 from tests.conftest import ENV, WEBHOOK_SECRET, api, config_dict, eventually, running, settled
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from relayd.config import (
     Config,
-    ConfigError,
     HttpListen,
     Secret,
     _format_duration,
@@ -26,6 +25,7 @@ from relayd.config import (
     resolve_config_path,
     starter_config,
 )
+from relayd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path("/etc/relayd")

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from relayd.store import Store
+from relayd.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "Containerfile"
@@ -327,7 +327,7 @@ def test_relayd_writes_only_to_its_state_spool_and_socket_folders(tmp_path: Path
 def test_store_keeps_sqlite_temp_files_in_memory(tmp_path: Path) -> None:
     """On a read-only root there is no temp directory: SQLite must sort in memory, or a big
     query fails with 'disk I/O error' (the pragma is per connection, so ask the store's own)."""
-    store = Store(tmp_path / "relayd.db")
+    store = SqliteStore(tmp_path / "relayd.db")
     try:
         assert store._db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     finally:

@@ -11,8 +11,9 @@ import pytest
 
 from relayd.cadence import Hints
 from relayd.config import DEFAULT_BASE_URLS
+from relayd.errors import NotFound, Retryable
 from relayd.providers.aitronos import AitronosProvider
-from relayd.providers.base import Finished, NotFound, Progress, Retryable
+from relayd.providers.base import Finished, Progress
 from tests.scripted import (
     API_KEY,
     ScriptedHttp,

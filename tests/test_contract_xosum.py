@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from relayd.cadence import Hints
-from relayd.providers.base import Finished, NotFound, Progress, Retryable, Unauthorized
+from relayd.errors import NotFound, Retryable, Unauthorized
+from relayd.providers.base import Finished, Progress
 from relayd.providers.xosum import XosumProvider
 from tests.scripted import (
     API_KEY,

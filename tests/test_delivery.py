@@ -15,6 +15,7 @@ from standardwebhooks.webhooks import Webhook
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from tests.conftest import api, config_dict, eventually, make_config, running, settled, states
+from tests.db import integrity_check
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhlIG9sZCBzZWNyZXQgd2UgYXJlIHJvdGF0aW5n"
@@ -122,14 +123,14 @@ async def test_a_running_daemon_picks_up_a_replay_made_on_the_database(
     tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
 ) -> None:
     """`relayd redeliver` writes to the database; the running daemon sends it within ~1 s."""
-    from relayd.store import Store
+    from relayd.store import SqliteStore
 
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "again"})
         await receiver.wait_for(1)
         await eventually(lambda: settled(daemon, 1))
-        other = Store(config.settings.state_dir / "relayd.db")  # what the CLI opens
+        other = SqliteStore(config.settings.state_dir / "relayd.db")  # what the CLI opens
         try:
             assert other.redeliver(now=time.time(), endpoint="app") == 1
         finally:
@@ -203,7 +204,7 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
         daemon.spool.scan()
         assert not spool_file.exists()
         await eventually(lambda: settled(daemon, 41), timeout=15)
-        assert daemon.store.integrity_check() == "ok"
+        assert integrity_check(daemon.config.settings.state_dir / "relayd.db") == "ok"
     assert {r.json()["docId"] for r in receiver.accepted} >= {"stored-before", "fill-0"}
 
 
@@ -211,14 +212,14 @@ async def test_graceful_stop_lets_a_post_in_flight_finish(
     tmp_path: Path, provider: mock_provider.MockProvider, aiohttp_server: Any
 ) -> None:
     """Stopping while a POST is in flight waits for its answer and records it as delivered."""
-    from relayd.store import Store
+    from relayd.store import SqliteStore
 
     server, _ = await slow_endpoint(aiohttp_server, 0.4)
     config = make_config(config_dict(tmp_path, provider.port, {"app": server.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "in-flight"})
         await eventually(lambda: any(s.in_flight for s in daemon.deliverer.endpoints.values()))
-    store = Store(config.settings.state_dir / "relayd.db")
+    store = SqliteStore(config.settings.state_dir / "relayd.db")
     try:
         job = store.get_job("main", "in-flight")
         assert job is not None and job.state == "delivered"

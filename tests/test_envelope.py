@@ -11,15 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.intake.envelope import (
-    MAX_BYTES,
-    Catalog,
-    IntakeError,
-    Submission,
-    check_job_id,
-    parse_bytes,
-    parse_json,
-)
+from relayd.errors import IntakeError
+from relayd.intake.envelope import MAX_BYTES, Catalog, check_job_id, parse_bytes, parse_json
+from relayd.models import Submission
 
 CATALOG = Catalog(
     providers=frozenset({"xosum", "aitronos"}),

@@ -25,18 +25,13 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from relayd.daemon import Daemon
-from relayd.intake.envelope import (
-    JOB_ID,
-    MAX_BYTES,
-    IntakeError,
-    Submission,
-    load_json,
-    parse_bytes,
-    parse_json,
-)
+from relayd.errors import IntakeError
+from relayd.intake.envelope import JOB_ID, MAX_BYTES, load_json, parse_bytes, parse_json
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.models import Submission
 from tests.conftest import config_dict, make_config, running
+from tests.db import integrity_check
 from tests.test_envelope import CATALOG, ID_ALPHABET
 
 PARSER = settings(max_examples=1000, deadline=None, derandomize=True, database=None)
@@ -365,7 +360,7 @@ async def live(
         yield daemon, session
         async with session.get("http://relayd/healthz") as resp:
             assert resp.status == 200, await resp.text()
-        assert daemon.store.integrity_check() == "ok"
+        assert integrity_check(daemon.config.settings.state_dir / "relayd.db") == "ok"
 
 
 async def call(

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from relayd.errors import StoreError
 from relayd.intake.group import GroupCommit
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from relayd.store import StoreError
 from tests.conftest import api, config_dict, make_config, running
 
 

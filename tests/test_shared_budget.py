@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from relayd.budget_redis import Denied, Grant, SharedBudget, SharedBudgetUnavailable
+from relayd.budget_redis import Denied, Grant, SharedBudget
+from relayd.errors import SharedBudgetUnavailable
 from tests.redis_server import RedisServer, free_port
 
 Client = redis.asyncio.Redis

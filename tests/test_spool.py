@@ -22,12 +22,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.intake.envelope import Catalog, Submission
+from relayd.errors import StoreError
+from relayd.intake.envelope import Catalog
 from relayd.intake.spool import BATCH_FILES, Spool
 from relayd.intake.spoolfile import Inspector, Ready, Wait
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from relayd.store import StoreError
+from relayd.models import Submission
 from tests.conftest import api, config_dict, eventually, make_config, running
 
 CATALOG = Catalog(frozenset({"main"}), frozenset(), "main")

@@ -11,16 +11,10 @@ from typing import Any
 
 import pytest
 
-from relayd.intake.envelope import Submission
-from relayd.store import (
-    SCHEMA,
-    DeliveryState,
-    JobState,
-    NewDelivery,
-    Store,
-    StoreError,
-    webhook_id,
-)
+from relayd.errors import StoreError
+from relayd.models import DeliveryState, JobState, NewDelivery, Submission, webhook_id
+from relayd.store.sqlite import SCHEMA, SqliteStore
+from tests.db import integrity_check, job_result, pending_endpoints
 
 T0 = 1_700_000_000.0
 
@@ -31,14 +25,14 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    s = Store(db_path)
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(db_path)
     yield s
     s.close()
 
 
 def add(
-    store: Store,
+    store: SqliteStore,
     doc_id: str = "doc-1",
     provider: str = "xosum",
     metadata: dict[str, Any] | None = None,
@@ -51,7 +45,10 @@ def add(
 
 
 def finish(
-    store: Store, job_id: int, endpoints: tuple[str, ...] = ("app", "audit"), status: str = "done"
+    store: SqliteStore,
+    job_id: int,
+    endpoints: tuple[str, ...] = ("app", "audit"),
+    status: str = "done",
 ) -> bool:
     return store.finish_job(
         job_id,
@@ -66,7 +63,7 @@ def finish(
 
 
 def attempt(
-    store: Store,
+    store: SqliteStore,
     delivery_id: int,
     outcome: str,
     *,
@@ -87,7 +84,7 @@ def attempt(
     )
 
 
-def state(store: Store, job_id: int) -> JobState:
+def state(store: SqliteStore, job_id: int) -> JobState:
     job = store.job_by_id(job_id)
     assert job is not None
     return job.state
@@ -96,7 +93,7 @@ def state(store: Store, job_id: int) -> JobState:
 # -- schema and files ----------------------------------------------------------------------------
 
 
-def test_new_file_gets_schema_version_and_wal(store: Store, db_path: Path) -> None:
+def test_new_file_gets_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
     """A fresh database is created with its parent dir, stamped with user_version, in WAL mode."""
     with sqlite3.connect(db_path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
@@ -104,15 +101,15 @@ def test_new_file_gets_schema_version_and_wal(store: Store, db_path: Path) -> No
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     raw.close()
     assert {"jobs", "polls", "deliveries", "attempts"} <= tables
-    assert store.integrity_check() == "ok"
+    assert integrity_check(store.path) == "ok"
 
 
 def test_reopening_does_not_migrate_again(db_path: Path) -> None:
     """Opening an up-to-date database leaves its schema version and data alone."""
-    first = Store(db_path)
+    first = SqliteStore(db_path)
     add(first)
     first.close()
-    second = Store(db_path)
+    second = SqliteStore(db_path)
     try:
         assert second._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
         assert second.get_job("xosum", "doc-1") is not None
@@ -122,7 +119,7 @@ def test_reopening_does_not_migrate_again(db_path: Path) -> None:
 
 def test_reopen_keeps_everything(db_path: Path) -> None:
     """Jobs, polls, deliveries and attempts all survive a close and reopen."""
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     job_id = add(s, metadata={"user": 7}, endpoints=("app",))
     s.record_poll(
         job_id,
@@ -141,7 +138,7 @@ def test_reopen_keeps_everything(db_path: Path) -> None:
     assert attempt(s, delivery.id, "retry", next_attempt_at=T0 + 30)
     s.close()
 
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     try:
         job = s.job_by_id(job_id)
         assert job is not None
@@ -150,14 +147,14 @@ def test_reopen_keeps_everything(db_path: Path) -> None:
         assert job.endpoints == ("app",)
         assert job.etag == '"v1"'
         assert job.polls == 2
-        assert s.job_result(job_id) == {"status": "done", "text": "hello"}
+        assert job_result(s.path, job_id) == {"status": "done", "text": "hello"}
         assert [p["outcome"] for p in s.polls_for(job_id)] == ["pending", "finished"]
         (again,) = s.deliveries_for(job_id)
         assert again.webhook_id == delivery.webhook_id
         assert again.attempts == 1
         assert again.next_attempt_at == T0 + 30
         assert [a["outcome"] for a in s.attempts_for(again.id)] == ["retry"]
-        assert s.integrity_check() == "ok"
+        assert integrity_check(s.path) == "ok"
     finally:
         s.close()
 
@@ -174,19 +171,19 @@ def test_migrates_a_version_1_database(db_path: Path) -> None:
     raw.execute("PRAGMA user_version = 1")
     raw.commit()
     raw.close()
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     try:
         assert s._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
         job = s.get_job("xosum", "old-job")
         assert job is not None and job.state == JobState.POLLING
         assert s.take_budgets() == {}
         assert s.run_times() == []
-        assert s.integrity_check() == "ok"
+        assert integrity_check(s.path) == "ok"
     finally:
         s.close()
 
 
-def test_run_times_keep_what_finished_jobs_teach(store: Store) -> None:
+def test_run_times_keep_what_finished_jobs_teach(store: SqliteStore) -> None:
     """Only jobs finished with a run time teach; the latest are returned, oldest first."""
     for i in range(4):
         job_id = add(store, f"doc-{i}")
@@ -219,7 +216,7 @@ def test_expiry_reads_only_the_providers_old_jobs(db_path: Path) -> None:
     raw.execute("PRAGMA user_version = 1")
     raw.commit()
     raw.close()
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     try:
         plan = " ".join(
             row[3]
@@ -236,12 +233,12 @@ def test_expiry_reads_only_the_providers_old_jobs(db_path: Path) -> None:
 
 def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
     """Saved budgets are read back after reopening, then forgotten (a crash must not reuse them)."""
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     s.save_budgets({"key-a": {"frees": [T0 + 1.5]}, "key-b": {"frees": []}}, now=T0)
     latest = {"key-a": {"frees": [T0 + 3.0], "blocked_until": T0 + 9.0}}
     s.save_budgets(latest, now=T0 + 1)  # the latest save replaces the last
     s.close()
-    s = Store(db_path)
+    s = SqliteStore(db_path)
     try:
         assert s.take_budgets() == latest
         assert s.take_budgets() == {}
@@ -249,7 +246,7 @@ def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
         s.close()
 
 
-def test_recently_active(store: Store) -> None:
+def test_recently_active(store: SqliteStore) -> None:
     """A provider is active if a job is still polled or one changed since `since`."""
     assert not store.recently_active(["xosum"], T0 - 100)
     job_id = add(store)
@@ -260,10 +257,10 @@ def test_recently_active(store: Store) -> None:
     assert not store.recently_active(["xosum"], T0 + 11)
 
 
-def test_readonly_store_reads_but_refuses_writes(store: Store, db_path: Path) -> None:
+def test_readonly_store_reads_but_refuses_writes(store: SqliteStore, db_path: Path) -> None:
     """A read-only Store (CLI status) sees the data; any write raises StoreError, not sqlite3."""
     job_id = add(store)
-    ro = Store(db_path, readonly=True)
+    ro = SqliteStore(db_path, readonly=True)
     try:
         assert ro.get_job("xosum", "doc-1") is not None
         with pytest.raises(StoreError) as info:
@@ -283,17 +280,17 @@ def test_readonly_store_of_missing_file_is_a_store_error(tmp_path: Path) -> None
     """Opening a database that does not exist read-only fails as StoreError, creating nothing."""
     path = tmp_path / "nothing" / "relayd.db"
     with pytest.raises(StoreError, match="cannot open"):
-        Store(path, readonly=True)
+        SqliteStore(path, readonly=True)
     assert not path.exists()
 
 
 def test_readonly_store_path_with_hash(tmp_path: Path) -> None:
     """A state_dir whose name contains '#' opens the same database read-only."""
     path = tmp_path / "state#1" / "relayd.db"
-    s = Store(path)
+    s = SqliteStore(path)
     add(s)
     s.close()
-    ro = Store(path, readonly=True)
+    ro = SqliteStore(path, readonly=True)
     try:
         assert ro.get_job("xosum", "doc-1") is not None
     finally:
@@ -312,7 +309,7 @@ def test_readonly_directory_is_a_store_error(tmp_path: Path) -> None:
     state_dir.chmod(0o500)
     try:
         with pytest.raises(StoreError) as info:
-            Store(state_dir / "relayd.db")
+            SqliteStore(state_dir / "relayd.db")
         assert not isinstance(info.value, sqlite3.Error)
     finally:
         state_dir.chmod(0o700)
@@ -323,20 +320,20 @@ def test_database_path_that_is_a_directory_is_a_store_error(tmp_path: Path) -> N
     path = tmp_path / "relayd.db"
     path.mkdir()
     with pytest.raises(StoreError, match="cannot open"):
-        Store(path)
+        SqliteStore(path)
 
 
 def test_state_dir_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
     """A state dir that cannot be made (its parent is a file) gives StoreError, not OSError."""
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreError):
-        Store(tmp_path / "file" / "state" / "relayd.db")
+        SqliteStore(tmp_path / "file" / "state" / "relayd.db")
 
 
 # -- intake --------------------------------------------------------------------------------------
 
 
-def test_add_jobs_is_idempotent(store: Store) -> None:
+def test_add_jobs_is_idempotent(store: SqliteStore) -> None:
     """A known (provider, docId) is left as is and reported as not created."""
     first = store.add_jobs(
         [Submission("doc-1", "xosum", {"v": 1}, ("app",))], source="spool", now=T0
@@ -357,14 +354,14 @@ def test_add_jobs_is_idempotent(store: Store) -> None:
     assert other.id != job.id
 
 
-def test_duplicate_in_one_batch_is_created_once(store: Store) -> None:
+def test_duplicate_in_one_batch_is_created_once(store: SqliteStore) -> None:
     """The same id twice in one file gives one job, created the first time only."""
     out = store.add_jobs([Submission("a", "xosum"), Submission("a", "xosum")], source="api", now=T0)
     assert [created for _, created in out] == [True, False]
     assert out[0][0].id == out[1][0].id
 
 
-def test_same_doc_id_under_two_providers_is_two_jobs(store: Store) -> None:
+def test_same_doc_id_under_two_providers_is_two_jobs(store: SqliteStore) -> None:
     """Jobs are keyed by provider and docId together."""
     a = add(store, "doc-1", "xosum")
     b = add(store, "doc-1", "aitronos")
@@ -375,7 +372,7 @@ def test_same_doc_id_under_two_providers_is_two_jobs(store: Store) -> None:
 # -- polling -------------------------------------------------------------------------------------
 
 
-def test_record_poll_updates_the_job(store: Store) -> None:
+def test_record_poll_updates_the_job(store: SqliteStore) -> None:
     """A not-yet poll counts, reschedules, and keeps the last status and ETag unless replaced."""
     job_id = add(store)
     assert store.record_poll(
@@ -410,7 +407,7 @@ def test_record_poll_updates_the_job(store: Store) -> None:
     assert [(p["http_status"], p["outcome"]) for p in polls] == [(200, "pending"), (503, "error")]
 
 
-def test_finish_job_creates_pending_deliveries(store: Store) -> None:
+def test_finish_job_creates_pending_deliveries(store: SqliteStore) -> None:
     """A terminal poll stores the result and one pending delivery per endpoint, due at once."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -423,7 +420,7 @@ def test_finish_job_creates_pending_deliveries(store: Store) -> None:
     assert [d.endpoint for d in deliveries] == ["app", "audit"]
     assert all(d.state == DeliveryState.PENDING for d in deliveries)
     assert all(d.next_attempt_at == T0 + 10 and d.attempts == 0 for d in deliveries)
-    assert store.pending_endpoints() == {"app", "audit"}
+    assert pending_endpoints(store.path) == {"app", "audit"}
     assert store.next_delivery_at("app", T0) == T0 + 10
     assert store.next_delivery_at("app", T0 + 10) is None  # those due now are in hand
     assert [d.id for d in store.due_deliveries("app", T0 + 10, 10)] == [deliveries[0].id]
@@ -431,7 +428,7 @@ def test_finish_job_creates_pending_deliveries(store: Store) -> None:
     assert store.polling_jobs() == []
 
 
-def test_finish_job_twice_is_refused(store: Store) -> None:
+def test_finish_job_twice_is_refused(store: SqliteStore) -> None:
     """Only a job still being polled can finish; a second finish changes nothing."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -439,7 +436,7 @@ def test_finish_job_twice_is_refused(store: Store) -> None:
     assert len(store.deliveries_for(job_id)) == 2
 
 
-def test_finish_without_deliveries_is_final(store: Store) -> None:
+def test_finish_without_deliveries_is_final(store: SqliteStore) -> None:
     """No endpoint wants the event: done ends delivered, failed ends failed, at once."""
     done, failed = add(store, "a"), add(store, "b")
     assert finish(store, done, ())
@@ -448,7 +445,7 @@ def test_finish_without_deliveries_is_final(store: Store) -> None:
     assert state(store, failed) == JobState.FAILED
 
 
-def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
+def test_webhook_id_is_stable_per_job_and_event(store: SqliteStore) -> None:
     """Every endpoint and retry of one (provider, docId, event) shares one webhook-id."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -464,7 +461,7 @@ def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
     assert webhook_id("a", "bc", "e") != webhook_id("ab", "c", "e")
 
 
-def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: Store) -> None:
+def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: SqliteStore) -> None:
     """record_poll skips the fsync (it acknowledges nothing); every other change, even one right
     after it or after a poll record that failed, is committed with synchronous=FULL."""
     job_id = add(store)
@@ -496,7 +493,7 @@ def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: Store) -> 
 
 
 @pytest.mark.parametrize("final", [JobState.EXPIRED, JobState.UNKNOWN, JobState.CANCELLED])
-def test_end_job_stops_polling(store: Store, final: JobState) -> None:
+def test_end_job_stops_polling(store: SqliteStore, final: JobState) -> None:
     """end_job moves a polled job to its final state once; later polls are refused."""
     job_id = add(store)
     assert store.end_job(job_id, final, now=T0 + 1, detail="why")
@@ -516,7 +513,7 @@ def test_end_job_stops_polling(store: Store, final: JobState) -> None:
     assert store.polls_for(job_id)[-1]["outcome"] == str(final)
 
 
-def test_expire_jobs_takes_only_old_polling_jobs(store: Store) -> None:
+def test_expire_jobs_takes_only_old_polling_jobs(store: SqliteStore) -> None:
     """Jobs submitted before the cutoff and still polled expire; others are untouched."""
     old = add(store, "old")
     store.add_jobs([Submission("new", "xosum")], source="api", now=T0 + 100)
@@ -535,7 +532,7 @@ def test_expire_jobs_takes_only_old_polling_jobs(store: Store) -> None:
 # -- delivery ------------------------------------------------------------------------------------
 
 
-def test_retry_keeps_delivery_pending(store: Store) -> None:
+def test_retry_keeps_delivery_pending(store: SqliteStore) -> None:
     """A failed attempt counts, records the error and the next due time; the job waits."""
     job_id = add(store)
     finish(store, job_id)
@@ -551,7 +548,7 @@ def test_retry_keeps_delivery_pending(store: Store) -> None:
     assert state(store, job_id) == JobState.DELIVERING
 
 
-def test_deferred_attempt_does_not_spend(store: Store) -> None:
+def test_deferred_attempt_does_not_spend(store: SqliteStore) -> None:
     """An attempt not spent (endpoint's Retry-After, gate) leaves the attempt count alone."""
     job_id = add(store)
     finish(store, job_id)
@@ -562,7 +559,7 @@ def test_deferred_attempt_does_not_spend(store: Store) -> None:
     assert len(store.attempts_for(d.id)) == 1
 
 
-def test_job_settles_delivered_when_all_deliveries_succeed(store: Store) -> None:
+def test_job_settles_delivered_when_all_deliveries_succeed(store: SqliteStore) -> None:
     """The job is delivered only once its last delivery is."""
     job_id = add(store)
     finish(store, job_id)
@@ -574,10 +571,10 @@ def test_job_settles_delivered_when_all_deliveries_succeed(store: Store) -> None
     delivered = store.deliveries_for(job_id)[1]
     assert delivered.state == DeliveryState.DELIVERED
     assert delivered.delivered_at == T0 + 25
-    assert store.pending_endpoints() == set()
+    assert pending_endpoints(store.path) == set()
 
 
-def test_job_settles_dead_when_any_delivery_dies(store: Store) -> None:
+def test_job_settles_dead_when_any_delivery_dies(store: SqliteStore) -> None:
     """One dead delivery makes the job dead, even if the other was delivered."""
     job_id = add(store)
     finish(store, job_id)
@@ -589,7 +586,7 @@ def test_job_settles_dead_when_any_delivery_dies(store: Store) -> None:
     assert store.deliveries_for(job_id)[0].state == DeliveryState.DEAD
 
 
-def test_attempt_on_a_finished_delivery_is_refused(store: Store) -> None:
+def test_attempt_on_a_finished_delivery_is_refused(store: SqliteStore) -> None:
     """Once delivered, a late attempt result is ignored and not recorded."""
     job_id = add(store)
     finish(store, job_id, ("app",))
@@ -600,7 +597,7 @@ def test_attempt_on_a_finished_delivery_is_refused(store: Store) -> None:
     assert [a["outcome"] for a in store.attempts_for(d.id)] == ["delivered"]
 
 
-def test_cancel_polling_job(store: Store) -> None:
+def test_cancel_polling_job(store: SqliteStore) -> None:
     """Cancelling a polled job stops it; cancelling again is refused."""
     job_id = add(store)
     assert store.cancel(job_id, now=T0 + 1)
@@ -609,7 +606,7 @@ def test_cancel_polling_job(store: Store) -> None:
     assert not store.cancel(job_id, now=T0 + 2)
 
 
-def test_cancel_delivering_job_cancels_only_pending(store: Store) -> None:
+def test_cancel_delivering_job_cancels_only_pending(store: SqliteStore) -> None:
     """Cancel stops undelivered deliveries and keeps delivered ones as they were."""
     job_id = add(store)
     finish(store, job_id)
@@ -623,7 +620,7 @@ def test_cancel_delivering_job_cancels_only_pending(store: Store) -> None:
 
 
 @pytest.mark.parametrize("outcome", ["delivered", "dead"])
-def test_cancel_final_job_is_refused(store: Store, outcome: str) -> None:
+def test_cancel_final_job_is_refused(store: SqliteStore, outcome: str) -> None:
     """A job already in a final state cannot be cancelled."""
     job_id = add(store)
     finish(store, job_id, ("app",))
@@ -635,7 +632,7 @@ def test_cancel_final_job_is_refused(store: Store, outcome: str) -> None:
     assert not store.cancel(424242, now=T0)
 
 
-def test_redeliver_dead_job(store: Store) -> None:
+def test_redeliver_dead_job(store: SqliteStore) -> None:
     """redeliver resets every finished delivery, same webhook-id, and the job delivers again."""
     job_id = add(store)
     finish(store, job_id)
@@ -655,14 +652,14 @@ def test_redeliver_dead_job(store: Store) -> None:
     assert state(store, job_id) == JobState.DELIVERED
 
 
-def test_redeliver_job_without_deliveries_does_nothing(store: Store) -> None:
+def test_redeliver_job_without_deliveries_does_nothing(store: SqliteStore) -> None:
     """A job still polling (or with nothing to send) has nothing to redeliver."""
     job_id = add(store)
     assert store.redeliver(job_id=job_id, now=T0 + 1) == 0
     assert state(store, job_id) == JobState.POLLING
 
 
-def test_counts_and_listing(store: Store) -> None:
+def test_counts_and_listing(store: SqliteStore) -> None:
     """Status counts group jobs by provider and state, deliveries by endpoint and state."""
     a, b = add(store, "a"), add(store, "b")
     add(store, "c", "aitronos")
@@ -679,7 +676,7 @@ def test_counts_and_listing(store: Store) -> None:
     assert store.oldest_polling() == {"aitronos": T0}
 
 
-def test_redeliver_by_filter_records_each_replay(store: Store) -> None:
+def test_redeliver_by_filter_records_each_replay(store: SqliteStore) -> None:
     """Filters (endpoint, state, since) pick deliveries; each replay is an attempt row."""
     old, new = add(store, "old-doc"), add(store, "new-doc")
     for job_id, at in ((old, T0 + 10), (new, T0 + 50)):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from relayd.intake import inotify
-from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.envelope import Catalog
 from relayd.intake.spool import Changes, Spool, watch_directory, watch_portably
+from relayd.models import Submission
 from tests.conftest import eventually
 
 CATALOG = Catalog(frozenset({"main"}), frozenset(), "main")

@@ -8,25 +8,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+
+from relayd.errors import IntakeError
+from relayd.models import Submission
 
 MAX_BYTES = 1024 * 1024
 JOB_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 ALLOWED_KEYS = frozenset({"docId", "provider", "metadata", "endpoints"})
-
-
-class IntakeError(ValueError):
-    """The submission is refused; the message says why, for a person."""
-
-
-@dataclass(frozen=True)
-class Submission:
-    doc_id: str
-    provider: str
-    metadata: Mapping[str, Any] | None = None
-    endpoints: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import watchfiles
 
+from relayd.errors import StoreError
 from relayd.intake import inotify
-from relayd.intake.envelope import Catalog, Submission
+from relayd.intake.envelope import Catalog
 from relayd.intake.rejected import move_to_rejected, unusable
 from relayd.intake.spoolfile import (
     Folder,
@@ -31,7 +32,7 @@ from relayd.intake.spoolfile import (
     shown,
     signature,
 )
-from relayd.store import StoreError
+from relayd.models import Submission
 
 log = logging.getLogger("relayd.intake.spool")
 

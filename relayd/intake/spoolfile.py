@@ -10,7 +10,9 @@ import stat
 from collections.abc import Callable
 from typing import NamedTuple
 
-from relayd.intake.envelope import MAX_BYTES, Catalog, IntakeError, Submission, parse_bytes
+from relayd.errors import IntakeError
+from relayd.intake.envelope import MAX_BYTES, Catalog, parse_bytes
+from relayd.models import Submission
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 KINDS = {

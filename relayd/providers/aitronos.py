@@ -17,20 +17,19 @@ from urllib.parse import quote
 
 from relayd.cadence import Hints, hints_from
 from relayd.config import ProviderConfig
+from relayd.errors import NotReady, ProviderError, Retryable
+from relayd.models import Job
 from relayd.providers.base import (
     Answer,
     Event,
     Finished,
     Http,
     Progress,
-    ProviderError,
-    Retryable,
     auth_headers,
     classify,
     log_context,
     snippet,
 )
-from relayd.store import Job
 
 log = logging.getLogger("relayd.providers.aitronos")
 
@@ -40,10 +39,6 @@ TERMINAL = frozenset({"completed", "failed"})
 PAGE = 1000  # the largest `limit` the paragraphs route takes
 MAX_PAGES = 10_000  # a transcript that needs more is refused rather than fetched forever
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+(?:\.\d+)?)\"?\s*(?:,|$)", re.IGNORECASE)
-
-
-class NotReady(Exception):
-    """Paragraphs answered 409 TRANSCRIPTION_NOT_COMPLETE: the transcript is not there yet."""
 
 
 def max_age(cache_control: str | None) -> float | None:

@@ -12,37 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relayd.cadence import Hints
-from relayd.store import Job
-
-
-class ProviderError(Exception):
-    """The poll did not produce an answer about the job.
-
-    `status`: what the provider said of the job before the poll failed (a `completed` whose
-    paragraphs could not be read), so the job's history shows the last status actually seen.
-    """
-
-    status: str | None = None
-
-
-class Retryable(ProviderError):
-    """5xx, timeout, connection error, garbage body: poll again later with backoff."""
-
-
-class NotFound(ProviderError):
-    """The provider does not know the job (404)."""
-
-
-class Unauthorized(ProviderError):
-    """401/403: the API key is wrong; pause every job on that key."""
-
-
-class RateLimited(ProviderError):
-    """429: the key's budget is closed; `retry_after` seconds (None: until the next window)."""
-
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+from relayd.errors import NotFound, Retryable, Unauthorized
+from relayd.models import Job
 
 
 @dataclass(frozen=True)

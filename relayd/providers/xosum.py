@@ -13,16 +13,9 @@ from typing import Any
 
 from relayd.cadence import hints_from
 from relayd.config import ProviderConfig
-from relayd.providers.base import (
-    Event,
-    Finished,
-    Http,
-    Progress,
-    Retryable,
-    auth_headers,
-    classify,
-)
-from relayd.store import Job
+from relayd.errors import Retryable
+from relayd.models import Job
+from relayd.providers.base import Event, Finished, Http, Progress, auth_headers, classify
 
 TERMINAL = frozenset({"transcribed", "failed"})
 EXTRA_FIELDS = ("languageCode", "type", "duration", "createdAt")

@@ -1,47 +1,32 @@
-"""SQLite state: jobs, their polls, deliveries and delivery attempts. The only module with SQL.
+"""The SQLite store: jobs, their polls, deliveries and delivery attempts in one database file
+(`state_dir/relayd.db`). With the other stores, the only code that knows SQL.
 
 Every state change is one transaction, committed before anything is acknowledged.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from relayd.intake.envelope import Submission
-
-
-class JobState(StrEnum):
-    POLLING = "polling"  # waiting for the provider to finish
-    DELIVERING = "delivering"  # finished; deliveries pending
-    DELIVERED = "delivered"
-    FAILED = "failed"  # the provider failed it and no endpoint asked to hear about that
-    EXPIRED = "expired"
-    UNKNOWN = "unknown"
-    CANCELLED = "cancelled"
-    DEAD = "dead"  # a delivery ran out of attempts
-
-
-FINAL_JOB_STATES = frozenset(JobState) - {JobState.POLLING, JobState.DELIVERING}
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    DEAD = "dead"
-    CANCELLED = "cancelled"
-
-
-class StoreError(Exception):
-    """The database cannot take the change (disk full, read-only, locked for too long)."""
-
+from relayd.errors import StoreError
+from relayd.models import (
+    FINAL_JOB_STATES,
+    JOB_JSON_BYTES,
+    AttemptOutcome,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    NewDelivery,
+    PollOutcome,
+    Submission,
+    webhook_id,
+)
 
 SCHEMA = [
     # version 1
@@ -134,88 +119,6 @@ INDEXES = {
 }
 
 
-@dataclass(frozen=True)
-class Job:
-    id: int
-    provider: str
-    doc_id: str
-    state: JobState
-    metadata: dict[str, Any] | None
-    endpoints: tuple[str, ...] | None
-    source: str
-    submitted_at: float
-    next_poll_at: float
-    polls: int
-    errors: int
-    not_found: int
-    last_status: str | None
-    etag: str | None
-    result_status: str | None
-    finished_at: float | None
-    updated_at: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "docId": self.doc_id,
-            "state": str(self.state),
-            "metadata": self.metadata,
-            "endpoints": list(self.endpoints) if self.endpoints is not None else None,
-            "source": self.source,
-            "submitted_at": self.submitted_at,
-            "next_poll_at": self.next_poll_at if self.state == JobState.POLLING else None,
-            "polls": self.polls,
-            "last_status": self.last_status,
-            "result_status": self.result_status,
-            "finished_at": self.finished_at,
-            "updated_at": self.updated_at,
-        }
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    job_id: int
-    endpoint: str
-    event: str
-    webhook_id: str
-    payload: str
-    state: DeliveryState
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    created_at: float
-    delivered_at: float | None
-    provider: str  # the job's, for log lines
-    doc_id: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "event": self.event,
-            "webhook_id": self.webhook_id,
-            "state": str(self.state),
-            "attempts": self.attempts,
-            "next_attempt_at": self.next_attempt_at if self.state == "pending" else None,
-            "last_error": self.last_error,
-            "created_at": self.created_at,
-            "delivered_at": self.delivered_at,
-        }
-
-
-@dataclass(frozen=True)
-class NewDelivery:
-    endpoint: str
-    event: str
-    payload: str
-
-
-def webhook_id(provider: str, doc_id: str, event: str) -> str:
-    """Stable for one job and event, across retries, restarts and endpoints."""
-    digest = hashlib.sha256(f"{provider}\0{doc_id}\0{event}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
-
-
 JOB_COLUMNS = (
     "id, provider, doc_id, state, metadata, endpoints, source, submitted_at, next_poll_at, "
     "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at"
@@ -225,7 +128,6 @@ DELIVERY_COLUMNS = (
     " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id"
 )
 DELIVERY_FROM = "deliveries d JOIN jobs j ON j.id = d.job_id"
-JOB_JSON_BYTES = 400  # Job.as_dict() as JSON, besides its docId, metadata and endpoints
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -269,7 +171,9 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     )
 
 
-class Store:
+class SqliteStore:
+    """The `Store` in one SQLite file (WAL mode, synchronous commits for what is acknowledged)."""
+
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         try:
@@ -386,10 +290,6 @@ class Store:
     def job_by_id(self, job_id: int) -> Job | None:
         row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job(row) if row else None
-
-    def job_result(self, job_id: int) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT result FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
 
     def list_jobs(
         self, *, state: str | None = None, provider: str | None = None, limit: int = 100
@@ -530,9 +430,6 @@ class Store:
         ).fetchone()
         return row is not None
 
-    def integrity_check(self) -> str:
-        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
-
     # -- polling --------------------------------------------------------------------------------
 
     def record_poll(
@@ -541,7 +438,7 @@ class Store:
         *,
         now: float,
         http_status: int | None,
-        outcome: str,
+        outcome: PollOutcome,
         detail: str | None,
         next_poll_at: float,
         errors: int,
@@ -630,7 +527,7 @@ class Store:
                     job_id,
                 ),
             )
-            self._poll_row(db, job_id, now, http_status, "finished", detail)
+            self._poll_row(db, job_id, now, http_status, PollOutcome.FINISHED, detail)
         return True
 
     def end_job(self, job_id: int, state: JobState, *, now: float, detail: str) -> bool:
@@ -642,7 +539,7 @@ class Store:
             )
             if cur.rowcount == 0:
                 return False
-            self._poll_row(db, job_id, now, None, str(state), detail)
+            self._poll_row(db, job_id, now, None, PollOutcome(state), detail)
         return True
 
     def expire_jobs(self, provider: str, submitted_before: float, now: float) -> list[Job]:
@@ -669,7 +566,7 @@ class Store:
                 "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
                 (JobState.CANCELLED, now, job_id),
             )
-            self._poll_row(db, job_id, now, None, "cancelled", "cancelled by operator")
+            self._poll_row(db, job_id, now, None, PollOutcome.CANCELLED, "cancelled by operator")
         return True
 
     @staticmethod
@@ -678,7 +575,7 @@ class Store:
         job_id: int,
         now: float,
         http_status: int | None,
-        outcome: str,
+        outcome: PollOutcome,
         detail: str | None,
     ) -> None:
         db.execute(
@@ -705,12 +602,6 @@ class Store:
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
-    def pending_endpoints(self) -> set[str]:
-        rows = self._db.execute(
-            "SELECT DISTINCT endpoint FROM deliveries WHERE state=?", (DeliveryState.PENDING,)
-        )
-        return {r[0] for r in rows}
-
     def record_attempt(
         self,
         delivery_id: int,
@@ -719,14 +610,14 @@ class Store:
         duration: float,
         status: int | None,
         error: str | None,
-        outcome: str,
+        outcome: AttemptOutcome,
         next_attempt_at: float | None = None,
         spend: bool = True,
     ) -> bool:
-        """One POST and what came of it: outcome is delivered, retry, deferred or dead."""
+        """One POST and what came of it: delivered, retry, deferred or dead."""
         state = {
-            "delivered": DeliveryState.DELIVERED,
-            "dead": DeliveryState.DEAD,
+            AttemptOutcome.DELIVERED: DeliveryState.DELIVERED,
+            AttemptOutcome.DEAD: DeliveryState.DEAD,
         }.get(outcome, DeliveryState.PENDING)
         with self._write() as db:
             row = db.execute(
@@ -802,8 +693,8 @@ class Store:
             )
             db.executemany(
                 "INSERT INTO attempts (delivery_id, at, status, error, duration, outcome)"
-                " VALUES (?,?,NULL,NULL,0,'replay')",
-                [(delivery_id, now) for delivery_id, _ in rows],
+                " VALUES (?,?,NULL,NULL,0,?)",
+                [(delivery_id, now, AttemptOutcome.REPLAY) for delivery_id, _ in rows],
             )
             db.executemany(
                 "UPDATE jobs SET state=?, updated_at=? WHERE id=?",

@@ -1,0 +1,196 @@
+"""Where jobs are kept: the `Store` interface every part of relayd uses, and `open_store`.
+
+One implementation today, `SqliteStore` (`state_dir/relayd.db`); a store shared by several relays
+(PostgreSQL) implements the same interface. Every method that changes something is one
+transaction, committed before it returns, and raises `StoreError` when the database cannot take
+it; nothing is acknowledged to anyone before that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from relayd.models import (
+    AttemptOutcome,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    NewDelivery,
+    PollOutcome,
+    Submission,
+)
+from relayd.store.sqlite import SqliteStore
+
+__all__ = ["SqliteStore", "Store", "open_store"]
+
+DATABASE = "relayd.db"
+
+
+class Store(Protocol):
+    def close(self) -> None: ...
+
+    # -- intake
+
+    def add_jobs(
+        self, subs: Sequence[Submission], *, source: str, now: float
+    ) -> list[tuple[Job, bool]]:
+        """Store every submission in one transaction: (job, created); a known (provider,
+        docId) is left as it is (created False)."""
+        ...
+
+    # -- reading
+
+    def get_job(self, provider: str, doc_id: str) -> Job | None: ...
+
+    def find_jobs(self, doc_id: str) -> list[Job]:
+        """Every job with this id, whatever its provider."""
+        ...
+
+    def job_by_id(self, job_id: int) -> Job | None: ...
+
+    def list_jobs(
+        self, *, state: str | None = None, provider: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """The newest jobs first."""
+        ...
+
+    def list_jobs_within(
+        self,
+        *,
+        state: str | None = None,
+        provider: str | None = None,
+        limit: int = 100,
+        max_bytes: int | None = None,
+    ) -> tuple[list[Job], bool]:
+        """The newest jobs first, at most about `max_bytes` of them as JSON; the flag says some
+        were left out for size."""
+        ...
+
+    def polling_jobs(self) -> list[tuple[int, str, float]]:
+        """(id, provider, next_poll_at) of every job still being polled."""
+        ...
+
+    def run_times(self, limit: int = 4096) -> list[tuple[str, str | None, float | None, float]]:
+        """(provider, media kind, media seconds, run seconds) of recently finished jobs that
+        can teach how long jobs take, oldest first."""
+        ...
+
+    def polls_for(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]: ...
+
+    def deliveries_for(self, job_id: int) -> list[Delivery]: ...
+
+    def attempts_for(self, delivery_id: int, limit: int = 50) -> list[dict[str, Any]]: ...
+
+    def job_counts(self) -> dict[str, dict[str, int]]:
+        """provider -> state -> count."""
+        ...
+
+    def oldest_polling(self) -> dict[str, float]:
+        """provider -> submitted_at of its oldest job still being polled."""
+        ...
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """endpoint -> delivery state -> count."""
+        ...
+
+    def probe_write(self, now: float) -> None:
+        """A real write, for readiness: raises StoreError when none can be made."""
+        ...
+
+    # -- budgets across restarts
+
+    def save_budgets(self, budgets: dict[str, dict[str, Any]], *, now: float) -> None: ...
+
+    def take_budgets(self) -> dict[str, dict[str, Any]]:
+        """Read and forget the saved budgets."""
+        ...
+
+    def recently_active(self, providers: Sequence[str], since: float) -> bool: ...
+
+    # -- polling
+
+    def record_poll(
+        self,
+        job_id: int,
+        *,
+        now: float,
+        http_status: int | None,
+        outcome: PollOutcome,
+        detail: str | None,
+        next_poll_at: float,
+        errors: int,
+        not_found: int,
+        last_status: str | None = None,
+        etag: str | None = None,
+    ) -> bool:
+        """A poll that did not finish the job; False if it is no longer being polled."""
+        ...
+
+    def finish_job(
+        self,
+        job_id: int,
+        *,
+        now: float,
+        result_status: str,
+        result: dict[str, Any],
+        deliveries: Iterable[NewDelivery],
+        http_status: int | None,
+        detail: str | None,
+        succeeded: bool = True,
+        ran_for: float | None = None,
+        media_kind: str | None = None,
+        media_seconds: float | None = None,
+    ) -> bool:
+        """A terminal status and the deliveries it calls for, in one transaction."""
+        ...
+
+    def end_job(self, job_id: int, state: JobState, *, now: float, detail: str) -> bool: ...
+
+    def expire_jobs(self, provider: str, submitted_before: float, now: float) -> list[Job]: ...
+
+    def cancel(self, job_id: int, *, now: float) -> bool: ...
+
+    # -- delivery
+
+    def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[Delivery]: ...
+
+    def next_delivery_at(self, endpoint: str, after: float) -> float | None: ...
+
+    def record_attempt(
+        self,
+        delivery_id: int,
+        *,
+        now: float,
+        duration: float,
+        status: int | None,
+        error: str | None,
+        outcome: AttemptOutcome,
+        next_attempt_at: float | None = None,
+        spend: bool = True,
+    ) -> bool:
+        """One POST and what came of it; False if the delivery was no longer pending."""
+        ...
+
+    def redeliver(
+        self,
+        *,
+        now: float,
+        job_id: int | None = None,
+        endpoint: str | None = None,
+        states: Sequence[str] = (
+            DeliveryState.DELIVERED,
+            DeliveryState.DEAD,
+            DeliveryState.PENDING,
+        ),
+        since: float | None = None,
+    ) -> int:
+        """Queue deliveries again with a fresh set of attempts; how many."""
+        ...
+
+
+def open_store(state_dir: Path, *, readonly: bool = False) -> Store:
+    """The store the config names (today: SQLite in `state_dir`)."""
+    return SqliteStore(state_dir / DATABASE, readonly=readonly)
