@@ -177,7 +177,7 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         info = self.daemon.status()
-        await self.daemon.poller.shared_status(info["providers"])
+        await self.daemon.poller.keys.shared_status(info["providers"])
         return web.json_response(info)
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -13,8 +13,8 @@ and so does a key unused for the epoch's 7-day lifetime.
 
 The client should be created with short `socket_connect_timeout` and `socket_timeout` (say 1 s):
 every method raises `SharedBudgetUnavailable` when Redis is unreachable or answers an error, and
-the caller (relayd/gate.py) then sends nothing on the key until Redis answers again. Import this
-module only when `shared_budget` is set: redis-py is an optional extra.
+the caller (relayd/budget_shared.py) then sends nothing on the key until Redis answers again.
+Import this module only when `shared_budget` is set: redis-py is an optional extra.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class Daemon:
         )
         shared = None
         if settings.shared_budget:
-            from relayd.gate import SharedBudgets  # needs the optional redis extra
+            from relayd.budget_shared import SharedBudgets  # needs the optional redis extra
 
             shared = SharedBudgets(settings.shared_budget)
         self.poller = Poller(
@@ -245,7 +245,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         try:
-            self.poller.save_budgets()
+            self.poller.keys.save(self.store)
         except StoreError as exc:
             log.error("cannot save budgets (the next start waits one window): %s", exc)
         in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
@@ -308,7 +308,7 @@ class Daemon:
 
     def degraded(self) -> list[str]:
         """What works in a reduced way but needs no restart nor less traffic (Redis away)."""
-        return self.poller.shared_problems()
+        return self.poller.keys.shared_problems()
 
     def readiness_problems(self) -> list[str]:
         """Why relayd should not be sent work now (empty: ready). Probes the database for real."""
@@ -345,7 +345,7 @@ class Daemon:
     def _wire_gauges(self) -> None:
         gauges = self.metrics.gauges
         gauges.jobs = lambda: {**dict.fromkeys(JobState, 0), **totals(self.store.job_counts())}
-        gauges.budget_used = self.poller.budget_used
+        gauges.budget_used = self.poller.keys.budget_used
         gauges.budget_limit = lambda: {n: p.rate_limit for n, p in self.config.providers.items()}
         gauges.oldest_waiting = lambda: {
             name: max(0.0, self.clock.time() - since)
@@ -353,11 +353,7 @@ class Daemon:
         }
         gauges.deliveries_pending = lambda: self._deliveries_in("pending")
         gauges.deliveries_dead = lambda: self._deliveries_in("dead")
-        gauges.shared_reachable = lambda: {
-            name: int(group.gate.unreachable_since is None)
-            for name, group in self.poller.group_of.items()
-            if group.gate is not None
-        }
+        gauges.shared_reachable = self.poller.keys.shared_reachable
 
     def _deliveries_in(self, state: str) -> dict[str, int]:
         """endpoint -> deliveries in `state`, 0 for every configured endpoint (alerts need it)."""

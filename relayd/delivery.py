@@ -22,7 +22,7 @@ from relayd.config import Config, EndpointConfig
 from relayd.errors import StoreError
 from relayd.metrics import Metrics
 from relayd.models import AttemptOutcome, Delivery
-from relayd.retry import backoff, gate_delay, parse_retry_after
+from relayd.retry import backoff, parse_retry_after, probe_delay
 from relayd.signing import decode_secret, sign
 from relayd.store import Store
 
@@ -38,7 +38,7 @@ MAX_DEFERRAL = 24 * 3600.0
 class EndpointState:
     in_flight: set[int] = field(default_factory=set)
     failures: int = 0  # consecutive failed attempts
-    gate_until: float = 0.0  # wall time; while probing, no attempt before this
+    probe_at: float = 0.0  # wall time; while probing, no attempt before this
 
     @property
     def probing(self) -> bool:
@@ -103,8 +103,8 @@ class Deliverer:
         if state.probing:
             if state.in_flight:
                 return None  # the probe's answer wakes us
-            if wall < state.gate_until:
-                return state.gate_until - wall
+            if wall < state.probe_at:
+                return state.probe_at - wall
             room = 1
         else:
             room = endpoint.max_in_flight - len(state.in_flight)
@@ -197,7 +197,7 @@ class Deliverer:
             return
         state.failures += 1
         if state.probing:
-            state.gate_until = now + gate_delay(
+            state.probe_at = now + probe_delay(
                 state.failures - PROBE_AFTER_FAILURES + 1,
                 endpoint.retry_initial,
                 endpoint.retry_max,
@@ -221,7 +221,7 @@ class Deliverer:
         if outcome.retry_after is not None:
             delay = max(delay, min(outcome.retry_after, MAX_DEFERRAL))
         if state.probing:
-            state.gate_until = max(state.gate_until, now + delay)
+            state.probe_at = max(state.probe_at, now + delay)
         self.store.record_attempt(
             d.id,
             now=now,

@@ -17,7 +17,7 @@ def backoff(attempt: int, initial: float, maximum: float, rand: Callable[[], flo
     return rand() * min(maximum, initial * 2.0**exp)
 
 
-def gate_delay(failures: int, initial: float, maximum: float, rand: Callable[[], float]) -> float:
+def probe_delay(failures: int, initial: float, maximum: float, rand: Callable[[], float]) -> float:
     """Equal jitter for an endpoint-wide pause: between half and all of the exponential step."""
     exp = min(max(failures - 1, 0), 60)
     step = min(maximum, initial * 2.0**exp)

@@ -503,7 +503,7 @@ async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
         daemon.poller.providers = {"main": Broken()}  # type: ignore[dict-item]
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"leak-{i}"} for i in range(3)])
         await eventually(lambda: calls >= 6, what="repeated polls")
-        budget = daemon.poller.group_of["main"].budget
+        budget = daemon.poller.keys.of("main").budget
         await eventually(lambda: budget.in_flight == 0)
         now = daemon.clock.monotonic()
         assert budget.pending_frees(now) == []  # no slot held in the rolling window

@@ -96,7 +96,8 @@ async def test_down_endpoint_is_probed_not_hammered_then_drains(
         receiver.set_default_status(200)
         await eventually(lambda: settled(daemon, 20), what="backlog drained")
         assert states(daemon) == {"delivered": 20}
-    # the first burst (max_in_flight), then at most one probe per minimum gate (retry_max / 2);
+    # the first burst (max_in_flight), then at most one probe per shortest probe delay
+    # (retry_max / 2);
     # without probing, 8 POSTs in flight retrying every ~50 ms would make ~160 per second
     bound = 8 + outage / 0.05 + 2
     assert during <= bound, f"{during} POSTs in a {outage:.2f}s outage (bound {bound:.0f})"

@@ -1,4 +1,5 @@
-"""Retry maths: full-jitter backoff, the endpoint gate, poll backoff and Retry-After parsing."""
+"""Retry maths: full-jitter backoff, the delay between probes of a down endpoint, poll backoff
+and Retry-After parsing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayd.retry import backoff, gate_delay, parse_retry_after, poll_backoff
+from relayd.retry import backoff, parse_retry_after, poll_backoff, probe_delay
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True)
 
@@ -74,7 +75,7 @@ def test_backoff_ceiling_never_shrinks(attempt: int, r: float) -> None:
     assert backoff(attempt + 1, 0.2, 60.0, lambda: r) >= backoff(attempt, 0.2, 60.0, lambda: r)
 
 
-# -- gate_delay ----------------------------------------------------------------------------------
+# -- probe_delay ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -83,14 +84,14 @@ def test_backoff_ceiling_never_shrinks(attempt: int, r: float) -> None:
 )
 def test_gate_delay_is_equal_jitter(failures: int, rand: float, expected: float) -> None:
     """The endpoint pause is between half and all of the capped exponential step."""
-    assert gate_delay(failures, 0.5, 10.0, lambda: rand) == expected
+    assert probe_delay(failures, 0.5, 10.0, lambda: rand) == expected
 
 
 @PROPERTY
 @given(failures=st.integers(-5, 10_000), r=st.floats(0.0, 1.0))
 def test_gate_delay_bounds(failures: int, r: float) -> None:
-    """The gate never pauses less than half the first step nor more than the maximum."""
-    delay = gate_delay(failures, 0.5, 10.0, lambda: r)
+    """Probing never pauses less than half the first step nor more than the maximum."""
+    delay = probe_delay(failures, 0.5, 10.0, lambda: r)
     assert 0.25 <= delay <= 10.0
 
 

@@ -57,7 +57,9 @@ async def test_redis_away_pauses_the_key_says_so_and_recovers(
     try:
         async with running(config) as daemon:
             assert (await api(daemon, "POST", "/v1/jobs", {"docId": "waits-for-redis"}))[0] == 202
-            await eventually(lambda: bool(daemon.poller.shared_problems()), what="Redis missed")
+            await eventually(
+                lambda: bool(daemon.poller.keys.shared_problems()), what="Redis missed"
+            )
             status, ready = await api(daemon, "GET", "/readyz")
             assert status == 200 and ready["status"] == "degraded"
             assert "shared budget unreachable" in ready["degraded"][0]
@@ -77,7 +79,7 @@ async def test_redis_away_pauses_the_key_says_so_and_recovers(
             assert provider.arrivals == []
             redis_server.start()  # empty: the key settles for window + lease, then polls
             await eventually(lambda: settled(daemon, 1), timeout=10, what="delivery")
-            assert daemon.poller.shared_problems() == []
+            assert daemon.poller.keys.shared_problems() == []
             assert (await api(daemon, "GET", "/readyz"))[1] == {"status": "ready"}
     finally:
         redis_server.start()
@@ -277,17 +279,17 @@ async def test_redis_killed_mid_run_and_restarted(
 async def test_a_grant_in_hand_goes_back_at_shutdown(redis_server: RedisServer) -> None:
     """A relayd that stops while holding a grant gives it back, so the other instances on the
     key do not wait a lease and a window for a request that was never sent."""
-    from relayd.gate import SharedBudgets
+    from relayd.budget_shared import SharedBudgets
 
     shared = SharedBudgets(redis_server.url)
     budget = shared.budget(f"grant-{uuid.uuid4().hex}", limit=5, window=0.2, lease=0.1)
     granted = asyncio.Event()
-    gate = shared.gate(budget, providers=lambda: ["main"], on_grant=granted.set)
+    grants = shared.grants(budget, providers=lambda: ["main"], on_grant=granted.set)
     try:
-        gate.want(True)
+        grants.want(True)
         await asyncio.wait_for(granted.wait(), 5)  # after the key's first-use settling
         assert (await budget.snapshot())["used"] == 1
-        await gate.close()
+        await grants.close()
         assert (await budget.snapshot())["used"] == 0
     finally:
         await shared.close()

@@ -549,7 +549,7 @@ def test_retry_keeps_delivery_pending(store: SqliteStore) -> None:
 
 
 def test_deferred_attempt_does_not_spend(store: SqliteStore) -> None:
-    """An attempt not spent (endpoint's Retry-After, gate) leaves the attempt count alone."""
+    """An attempt not spent (a 429 or 503 with Retry-After) leaves the attempt count alone."""
     job_id = add(store)
     finish(store, job_id)
     d = store.deliveries_for(job_id)[0]

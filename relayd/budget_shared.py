@@ -25,10 +25,10 @@ import redis.asyncio
 from relayd.budget_redis import Denied, SharedBudget
 from relayd.errors import SharedBudgetUnavailable
 
-log = logging.getLogger("relayd.gate")
+log = logging.getLogger("relayd.budget_shared")
 
 
-class SharedGate:
+class SharedGrants:
     def __init__(
         self,
         budget: SharedBudget,
@@ -202,7 +202,7 @@ class SharedGate:
 
 
 class SharedBudgets:
-    """One Redis connection for every key of this relayd; one gate per key."""
+    """One Redis connection for every key of this relayd; one SharedGrants per key."""
 
     def __init__(self, url: str, *, retry: float = 1.0) -> None:
         parts = urlsplit(url)
@@ -214,14 +214,14 @@ class SharedBudgets:
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.retry = retry
 
-    def gate(
+    def grants(
         self,
         budget: SharedBudget,
         *,
         providers: Callable[[], list[str]],
         on_grant: Callable[[], None],
-    ) -> SharedGate:
-        return SharedGate(
+    ) -> SharedGrants:
+        return SharedGrants(
             budget,
             where=self.where,
             providers=providers,
