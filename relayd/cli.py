@@ -266,7 +266,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from relayd.daemon import status_from_store
+    from relayd.views import status_from_store
 
     config = _config(args)
     try:
@@ -348,7 +348,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from relayd.daemon import job_detail
+    from relayd.views import job_detail
 
     store = _open_store(_config(args))
     jobs = _find_jobs(store, args.doc_id, args.provider)

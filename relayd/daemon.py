@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from relayd import __version__
-from relayd.admin import make_app, make_runner
+from relayd.api import ApiLimits, make_app, make_runner
 from relayd.clock import Clock, SystemClock
 from relayd.config import Config, load_config
 from relayd.delivery import Deliverer
@@ -30,34 +30,17 @@ from relayd.intake.envelope import Catalog
 from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
 from relayd.metrics import Metrics
-from relayd.models import Job, JobState, Submission
+from relayd.models import FINAL_JOB_STATES, IntakeOutcome, Job, JobState, Submission
 from relayd.poller import Poller
-from relayd.providers.aitronos import AitronosProvider
-from relayd.providers.base import Provider
-from relayd.providers.xosum import XosumProvider
+from relayd.providers import build as build_providers
 from relayd.sdnotify import Notifier
 from relayd.store import Store, open_store
+from relayd.views import job_detail, status_from_store, totals
 
 log = logging.getLogger("relayd.daemon")
 
 DRAIN_SECONDS = 10.0
 STATUS_SECONDS = 5.0  # how often STATUS= is refreshed when systemd sets no watchdog
-
-
-def build_providers(config: Config) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {}
-    for name, pc in config.providers.items():
-        if pc.kind == "xosum":
-            providers[name] = XosumProvider(pc)
-        elif pc.kind == "aitronos":
-            providers[name] = AitronosProvider(pc)
-        else:
-            log.error(
-                "provider kind %r is not supported yet: its jobs wait",
-                pc.kind,
-                extra={"provider": name},
-            )
-    return providers
 
 
 class Daemon:
@@ -69,16 +52,18 @@ class Daemon:
         watch: Watch = watch_directory,
         notifier: Notifier | None = None,
         drain_seconds: float = DRAIN_SECONDS,
+        api_limits: ApiLimits | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.drain_seconds = drain_seconds
+        self.api_limits = api_limits or ApiLimits()
         self._watch = watch
         self.ready = asyncio.Event()
         self.draining = False
-        self.started_at = time.time()
+        self.started_at = self.clock.time()
         self._catalog = self._make_catalog(config)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
@@ -114,9 +99,12 @@ class Daemon:
                 self.poller.add(job)
         return stored
 
-    async def accept_api(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
-        """accept(), sharing a transaction with the API requests that arrive alongside."""
+    async def submit(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
+        """accept() for the API, sharing a transaction with the requests that arrive alongside."""
         return await self._api_intake.add(subs)
+
+    def count_intake(self, outcome: IntakeOutcome, source: str = "api") -> None:
+        self.metrics.intake.labels(source, outcome).inc()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -150,7 +138,7 @@ class Daemon:
             settings.spool_dir,
             catalog=self.catalog,
             accept=self.accept,
-            on_result=lambda outcome: self.metrics.intake.labels("spool", outcome).inc(),
+            on_result=lambda outcome: self.count_intake(IntakeOutcome(outcome), "spool"),
             watch=self._watch,
         )
         runners: list[web.AppRunner] = []
@@ -264,7 +252,7 @@ class Daemon:
             path = settings.socket
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(path)
-            runner = make_runner(make_app(self))
+            runner = make_runner(make_app(self, limits=self.api_limits), self.api_limits)
             await runner.setup()
             runners.append(runner)
             sock = _bind_unix(path)
@@ -281,7 +269,8 @@ class Daemon:
                     host,
                     settings.http.port,
                 )
-            runner = make_runner(make_app(self, token=token))
+            app = make_app(self, token=token, limits=self.api_limits)
+            runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, settings.http.port)
@@ -361,10 +350,37 @@ class Daemon:
         names = set(self.config.endpoints) | set(counts)
         return {name: counts.get(name, {}).get(state, 0) for name in names}
 
+    # -- what the API asks of relayd (api.Backend) ------------------------------------------------
+
+    def list_jobs(
+        self, *, state: str | None, provider: str | None, limit: int, max_bytes: int
+    ) -> tuple[list[Job], bool]:
+        return self.store.list_jobs_within(
+            state=state, provider=provider, limit=limit, max_bytes=max_bytes
+        )
+
     def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None:
         return job_detail(self.store, provider, doc_id)
 
-    def status(self) -> dict[str, Any]:
+    def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
+        job = self.store.get_job(provider, doc_id)
+        if job is None:
+            return None
+        count = self.store.redeliver(job_id=job.id, now=self.clock.time())
+        if count:
+            self.deliverer.wake()
+        return job, count
+
+    def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
+        job = self.store.get_job(provider, doc_id)
+        if job is None:
+            return None
+        cancelled = job.state not in FINAL_JOB_STATES and self.store.cancel(
+            job.id, now=self.clock.time()
+        )
+        return self.store.job_by_id(job.id) or job, cancelled
+
+    async def status(self) -> dict[str, Any]:
         info = status_from_store(self.store, self.config, self.clock.time())
         budgets = self.poller.status()
         for name, entry in info["providers"].items():
@@ -375,52 +391,13 @@ class Daemon:
             entry["probing"] = bool(state and state.probing)
         info["running"] = True
         info["version"] = __version__
-        info["uptime"] = round(time.time() - self.started_at, 3)
+        info["uptime"] = round(self.clock.time() - self.started_at, 3)
         info["intake_error"] = self.spool.error
+        await self.poller.keys.shared_status(info["providers"])
         return info
 
-
-def totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
-    """{name: {state: n}} -> {state: sum over names}."""
-    out: dict[str, int] = {}
-    for counts in by_name.values():
-        for state, n in counts.items():
-            out[state] = out.get(state, 0) + n
-    return out
-
-
-def job_detail(store: Store, provider: str, doc_id: str) -> dict[str, Any] | None:
-    job = store.get_job(provider, doc_id)
-    if job is None:
-        return None
-    deliveries = []
-    for d in store.deliveries_for(job.id):
-        deliveries.append({**d.as_dict(), "history": store.attempts_for(d.id)})
-    return {"job": job.as_dict(), "polls": store.polls_for(job.id), "deliveries": deliveries}
-
-
-def status_from_store(store: Store, config: Config, now: float) -> dict[str, Any]:
-    """Everything `relayd status` shows that the database alone can tell."""
-    counts = store.job_counts()
-    oldest = store.oldest_polling()
-    deliveries = store.delivery_counts()
-    providers = {}
-    for name in sorted(set(config.providers) | set(counts)):
-        since = oldest.get(name)
-        providers[name] = {
-            "kind": config.providers[name].kind if name in config.providers else None,
-            "jobs": counts.get(name, {}),
-            "oldest_waiting_seconds": round(now - since, 3) if since is not None else None,
-        }
-    endpoints = {}
-    for name in sorted(set(config.endpoints) | set(deliveries)):
-        c = deliveries.get(name, {})
-        endpoints[name] = {
-            "pending": c.get("pending", 0),
-            "dead": c.get("dead", 0),
-            "delivered": c.get("delivered", 0),
-        }
-    return {"providers": providers, "endpoints": endpoints}
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
 
 def _remove_stale_socket(path: Path) -> None:

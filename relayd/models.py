@@ -57,6 +57,14 @@ class AttemptOutcome(StrEnum):
     REPLAY = "replay"  # queued again by an operator
 
 
+class IntakeOutcome(StrEnum):
+    """What became of one submission (a spool file, an API request), as metrics count it."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # refused for its content: the submitter must fix it
+    UNAVAILABLE = "unavailable"  # the store could not take it now: try again
+
+
 @dataclass(frozen=True)
 class Submission:
     """One job as submitted, checked (relayd.intake.envelope) and not yet stored."""

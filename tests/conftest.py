@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 
 from relayd.config import Config, parse_config
-from relayd.daemon import Daemon, totals
+from relayd.daemon import Daemon
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.models import JobState
+from relayd.views import totals
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 
 API_KEY = "test-key-0001"

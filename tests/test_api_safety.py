@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relayd import admin
+from relayd.api import ApiLimits
 from relayd.config import parse_config
 from relayd.daemon import Daemon
 from relayd.intake.envelope import MAX_BYTES
@@ -272,11 +272,11 @@ async def test_oversized_heads_are_refused_not_crashed_on(
 
 
 async def test_job_list_answer_is_bounded_in_bytes(
-    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config_data: dict[str, Any], tmp_path: Path
 ) -> None:
-    """GET /v1/jobs stops at about LIST_BYTES (metadata counted), newest first, and says so."""
-    monkeypatch.setattr(admin, "LIST_BYTES", 64 * 1024)
-    async with running(make_config(config_data, tmp_path)) as daemon:
+    """GET /v1/jobs stops at about `list_bytes` (metadata counted), newest first, and says so."""
+    limits = ApiLimits(list_bytes=64 * 1024)
+    async with running(make_config(config_data, tmp_path), api_limits=limits) as daemon:
         jobs = [{"docId": f"j{i:04d}", "metadata": {"pad": "p" * 2000}} for i in range(300)]
         assert (await api(daemon, "POST", "/v1/jobs", jobs))[0] == 202
         path = socket_path(daemon)
@@ -332,12 +332,12 @@ async def test_job_detail_shows_at_most_the_latest_50_attempts(
 
 
 async def test_slow_head_and_idle_connections_are_closed(
-    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config_data: dict[str, Any], tmp_path: Path
 ) -> None:
     """A head sent byte by byte, and a connection that sends nothing, are closed after
-    IDLE_SECONDS; other clients are served meanwhile."""
-    monkeypatch.setattr(admin, "IDLE_SECONDS", 0.3)
-    async with running(make_config(config_data, tmp_path)) as daemon:
+    ApiLimits.idle; other clients are served meanwhile."""
+    limits = ApiLimits(idle=0.3)
+    async with running(make_config(config_data, tmp_path), api_limits=limits) as daemon:
         path = socket_path(daemon)
         idle_reader, idle_writer = await asyncio.open_unix_connection(path)
         reader, writer = await asyncio.open_unix_connection(path)
@@ -362,12 +362,11 @@ async def test_slow_head_and_idle_connections_are_closed(
 
 
 async def test_slow_body_gets_408_while_others_are_served(
-    config_data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config_data: dict[str, Any], tmp_path: Path
 ) -> None:
-    """A body still incomplete after BODY_SECONDS gets a JSON 408; nothing is stored."""
-    monkeypatch.setattr(admin, "BODY_SECONDS", 0.2)
-    monkeypatch.setattr(admin, "LINGER_SECONDS", 0.1)
-    async with running(make_config(config_data, tmp_path)) as daemon:
+    """A body still incomplete after ApiLimits.body gets a JSON 408; nothing is stored."""
+    limits = ApiLimits(body=0.2, linger=0.1)
+    async with running(make_config(config_data, tmp_path), api_limits=limits) as daemon:
         reader, writer = await asyncio.open_unix_connection(socket_path(daemon))
         body = b'{"docId": "slow"}'
         writer.write(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))

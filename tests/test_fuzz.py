@@ -249,7 +249,7 @@ def spool_outcome(data: bytes) -> list[Submission] | IntakeError:
 
 
 def api_outcome(data: bytes, catalog: Any = CATALOG) -> list[Submission] | IntakeError:
-    """What the API does with a body (admin.Api.submit): load_json, then parse_json."""
+    """What the API does with a body (api.Api.submit): load_json, then parse_json."""
     try:
         return parse_json(load_json(data), catalog)
     except IntakeError as exc:

@@ -560,7 +560,7 @@ async def test_a_provider_quoting_the_key_back_does_not_leak_it(
 
                 await eventually(polled, what="errors recorded and the key paused")
                 views = {
-                    "status": json.dumps(daemon.status()),
+                    "status": json.dumps(await daemon.status()),
                     "main/echo-500": json.dumps(daemon.job_detail("main", "echo-500")),
                     "ait/trans_echo": json.dumps(daemon.job_detail("ait", "trans_echo")),
                 }

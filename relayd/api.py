@@ -1,38 +1,84 @@
 """The HTTP API (SPEC §3) on the unix socket and on TCP: intake, job queries, redeliver/cancel,
 status, health and metrics. Every error answer is JSON `{"error": "…"}`.
+
+The API sees relayd through `Backend`, the few things it needs; the daemon is one. It never
+reaches into the store, the poll loop or the delivery loop itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from relayd.errors import IntakeError, StoreError
-from relayd.intake.envelope import MAX_BYTES, check_job_id, load_json, parse_json
+from relayd.intake.envelope import MAX_BYTES, Catalog, check_job_id, load_json, parse_json
 from relayd.metrics import CONTENT_TYPE
-from relayd.models import FINAL_JOB_STATES, JobState
-
-if TYPE_CHECKING:
-    from relayd.daemon import Daemon
+from relayd.models import IntakeOutcome, Job, JobState, Submission
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
 
-# Slow and idle clients must not hold a connection for long. aiohttp has no timeout of its own
-# for reading a request head, but its keep-alive timer runs from the moment a connection opens
-# (and again after each answer) and closes a connection still waiting for a complete head: so
-# IDLE_SECONDS bounds an idle keep-alive connection and a head sent byte by byte alike. A body
-# is bounded by BODY_SECONDS in Api.submit. Read at start, so tests can shorten them.
-IDLE_SECONDS = 15.0
-BODY_SECONDS = 30.0  # the whole body of a POST, counted from its head: else 408
-LINGER_SECONDS = 2.0  # after an early answer (408, 413), unread body is drained this long at most
-LIST_BYTES = 16 * 1024 * 1024  # about the most one GET /v1/jobs answer holds; then "truncated"
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """How long and how much one client may take. Slow and idle clients must not hold a
+    connection for long: aiohttp has no timeout of its own for reading a request head, but its
+    keep-alive timer runs from the moment a connection opens (and again after each answer) and
+    closes a connection still waiting for a complete head, so `idle` bounds an idle keep-alive
+    connection and a head sent byte by byte alike."""
+
+    idle: float = 15.0  # seconds: see above
+    body: float = 30.0  # seconds for the whole body of a POST, counted from its head: else 408
+    linger: float = 2.0  # after an early answer (408, 413), unread body is drained this long
+    list_bytes: int = 16 * 1024 * 1024  # about the most one GET /v1/jobs holds; "truncated"
+
+
+class Backend(Protocol):
+    """What the API needs from relayd."""
+
+    draining: bool  # shutting down: no new jobs
+
+    def catalog(self) -> Catalog:
+        """What a submission may name."""
+        ...
+
+    async def submit(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
+        """Store the submissions (committed on return): (job, created) each."""
+        ...
+
+    def count_intake(self, outcome: IntakeOutcome) -> None: ...
+
+    def list_jobs(
+        self, *, state: str | None, provider: str | None, limit: int, max_bytes: int
+    ) -> tuple[list[Job], bool]:
+        """The newest jobs first; True if some were left out for size."""
+        ...
+
+    def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None: ...
+
+    def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
+        """Queue the job's deliveries again: (the job, how many); None if there is no job."""
+        ...
+
+    def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
+        """Cancel the job: (the job as it is now, whether it was cancelled); None: no job."""
+        ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    def health_problem(self) -> str | None: ...
+
+    def readiness_problems(self) -> list[str]: ...
+
+    def degraded(self) -> list[str]: ...
+
+    def render_metrics(self) -> bytes: ...
 
 
 def error(status: int, message: str) -> web.Response:
@@ -68,18 +114,20 @@ def token_auth(token: str) -> Middleware:
     return check
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application, limits: ApiLimits) -> web.AppRunner:
     return web.AppRunner(
-        app, access_log=None, keepalive_timeout=IDLE_SECONDS, lingering_time=LINGER_SECONDS
+        app, access_log=None, keepalive_timeout=limits.idle, lingering_time=limits.linger
     )
 
 
-def make_app(daemon: Daemon, *, token: str | None = None) -> web.Application:
+def make_app(
+    backend: Backend, *, token: str | None = None, limits: ApiLimits = ApiLimits()
+) -> web.Application:
     middlewares: list[Middleware] = [json_errors]
     if token:
         middlewares.append(token_auth(token))
     app = web.Application(client_max_size=MAX_BYTES, middlewares=middlewares)
-    api = Api(daemon)
+    api = Api(backend, limits)
     app.router.add_post("/v1/jobs", api.submit)
     app.router.add_get("/v1/jobs", api.list_jobs)
     app.router.add_get("/v1/jobs/{provider}/{doc_id}", api.show)
@@ -93,31 +141,33 @@ def make_app(daemon: Daemon, *, token: str | None = None) -> web.Application:
 
 
 class Api:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, backend: Backend, limits: ApiLimits) -> None:
+        self.backend = backend
+        self.limits = limits
 
     async def submit(self, request: web.Request) -> web.Response:
-        if self.daemon.draining:
+        backend = self.backend
+        if backend.draining:
             return error(503, "shutting down: not taking new jobs")
         if (request.content_length or 0) > MAX_BYTES:  # say so now, not after 1 MiB
             raise web.HTTPRequestEntityTooLarge(MAX_BYTES, request.content_length or 0)
         try:
-            async with asyncio.timeout(BODY_SECONDS):
+            async with asyncio.timeout(self.limits.body):
                 raw = await request.read()
         except TimeoutError:
-            self.daemon.metrics.intake.labels("api", "rejected").inc()
-            return error(408, f"the body did not arrive within {BODY_SECONDS:g} s")
+            backend.count_intake(IntakeOutcome.REJECTED)
+            return error(408, f"the body did not arrive within {self.limits.body:g} s")
         try:
-            subs = parse_json(load_json(raw), self.daemon.catalog())
+            subs = parse_json(load_json(raw), backend.catalog())
         except IntakeError as exc:
-            self.daemon.metrics.intake.labels("api", "rejected").inc()
+            backend.count_intake(IntakeOutcome.REJECTED)
             return error(400, str(exc))
         try:
-            stored = await self.daemon.accept_api(subs)
+            stored = await backend.submit(subs)
         except StoreError as exc:
-            self.daemon.metrics.intake.labels("api", "unavailable").inc()
+            backend.count_intake(IntakeOutcome.UNAVAILABLE)
             return error(503, f"cannot store jobs now: {exc}")
-        self.daemon.metrics.intake.labels("api", "accepted").inc()
+        backend.count_intake(IntakeOutcome.ACCEPTED)
         jobs = [{**job.as_dict(), "created": created} for job, created in stored]
         return web.json_response({"jobs": jobs}, status=202)
 
@@ -132,12 +182,13 @@ class Api:
                 raise ValueError
         except ValueError:
             return error(400, "limit: expected an integer from 1 to 10000")
-        jobs, truncated = self.daemon.store.list_jobs_within(
-            state=state, provider=q.get("provider"), limit=limit, max_bytes=LIST_BYTES
+        jobs, truncated = self.backend.list_jobs(
+            state=state, provider=q.get("provider"), limit=limit, max_bytes=self.limits.list_bytes
         )
         return web.json_response({"jobs": [j.as_dict() for j in jobs], "truncated": truncated})
 
-    def _job_ref(self, request: web.Request) -> tuple[str, str]:
+    @staticmethod
+    def _job_ref(request: web.Request) -> tuple[str, str]:
         provider, doc_id = request.match_info["provider"], request.match_info["doc_id"]
         try:
             check_job_id(doc_id, "docId")
@@ -147,61 +198,53 @@ class Api:
 
     async def show(self, request: web.Request) -> web.Response:
         provider, doc_id = self._job_ref(request)
-        detail = self.daemon.job_detail(provider, doc_id)
+        detail = self.backend.job_detail(provider, doc_id)
         if detail is None:
             return error(404, f"no job {provider}/{doc_id}")
         return web.json_response(detail)
 
     async def redeliver(self, request: web.Request) -> web.Response:
         provider, doc_id = self._job_ref(request)
-        job = self.daemon.store.get_job(provider, doc_id)
-        if job is None:
+        done = self.backend.redeliver(provider, doc_id)
+        if done is None:
             return error(404, f"no job {provider}/{doc_id}")
-        count = self.daemon.store.redeliver(job_id=job.id, now=self.daemon.clock.time())
+        job, count = done
         if not count:
             return error(409, f"job {provider}/{doc_id} has nothing to deliver ({job.state})")
-        self.daemon.deliverer.wake()
         return web.json_response({"redelivered": count}, status=202)
 
     async def cancel(self, request: web.Request) -> web.Response:
         provider, doc_id = self._job_ref(request)
-        job = self.daemon.store.get_job(provider, doc_id)
-        if job is None:
+        done = self.backend.cancel(provider, doc_id)
+        if done is None:
             return error(404, f"no job {provider}/{doc_id}")
-        if job.state in FINAL_JOB_STATES:
+        job, cancelled = done
+        if not cancelled:
             return error(409, f"job {provider}/{doc_id} is already {job.state}")
-        self.daemon.store.cancel(job.id, now=self.daemon.clock.time())
-        updated = self.daemon.store.job_by_id(job.id)
-        assert updated is not None
-        return web.json_response({"job": updated.as_dict()})
+        return web.json_response({"job": job.as_dict()})
 
     async def status(self, request: web.Request) -> web.Response:
-        info = self.daemon.status()
-        await self.daemon.poller.keys.shared_status(info["providers"])
-        return web.json_response(info)
+        return web.json_response(await self.backend.status())
 
     async def healthz(self, request: web.Request) -> web.Response:
-        problem = self.daemon.health_problem()
+        problem = self.backend.health_problem()
         if problem:
             return web.json_response({"status": "failing", "error": problem}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready for work: started, not draining, loops alive, the database takes writes."""
-        problems = self.daemon.readiness_problems()
+        problems = self.backend.readiness_problems()
         if problems:
             body = {"status": "not ready", "error": "; ".join(problems), "problems": problems}
             return web.json_response(body, status=503)
         # A shared budget out of reach stops polling on its keys, but intake and delivery go on
         # and taking this instance out of service would not help (a sidecar's pod with it).
-        if degraded := self.daemon.degraded():
+        if degraded := self.backend.degraded():
             return web.json_response({"status": "degraded", "degraded": degraded})
         return web.json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.daemon.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)
+        return web.Response(
+            body=self.backend.render_metrics(), headers={"Content-Type": CONTENT_TYPE}
+        )
