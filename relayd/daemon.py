@@ -150,6 +150,7 @@ class Daemon:
             accept=self.accept,
             on_result=lambda outcome: self.metrics.intake.labels("spool", outcome).inc(),
             watch=self._watch,
+            clock=self.clock,
         )
         runners: list[web.AppRunner] = []
         try:
