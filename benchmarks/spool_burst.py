@@ -82,21 +82,30 @@ async def watch_asyncinotify(
     flags = ai.InitFlags(os.O_NONBLOCK | os.O_CLOEXEC)
     with ai.Inotify(flags=flags, cache_size=inotify.READ_SIZE // 272, sync_timeout=0) as ino:
         ino.add_watch(directory, mask)
+        # woken like the binding (one Event, set when events come or on stop); one get()
+        # outstanding at a time, kept across quiet spells: cancelling a get() could drop events
+        # it has already read from the kernel
+        ready = asyncio.Event()
         stopping = asyncio.ensure_future(stop.wait())
-        # one get() outstanding at a time, kept across quiet spells: cancelling it could drop
-        # events it has already read from the kernel
-        getting = asyncio.ensure_future(ino.get())
+        stopping.add_done_callback(lambda _: ready.set())
+        getting: asyncio.Future[ai.Event] | None = None
         try:
             yield {}
             while not stop.is_set():
-                done, _ = await asyncio.wait(
-                    {getting, stopping}, timeout=rescan, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getting not in done:
-                    if not stop.is_set():
-                        yield {}
+                if getting is None:
+                    ready.clear()
+                    getting = asyncio.ensure_future(ino.get())
+                    getting.add_done_callback(lambda _: ready.set())
+                try:
+                    async with asyncio.timeout(rescan):
+                        await ready.wait()
+                except TimeoutError:
+                    yield {}
                     continue
+                if not getting.done():
+                    continue  # stopping
                 events = [getting.result()]
+                getting = None
                 while len(events) < 30_000 and (event := ino.sync_get()) is not None:
                     events.append(event)
                 changes: dict[str, bool] = {}
@@ -117,9 +126,9 @@ async def watch_asyncinotify(
                         "spool directory %s was removed or moved away", directory
                     )
                     return
-                getting = asyncio.ensure_future(ino.get())
         finally:
-            getting.cancel()
+            if getting is not None:
+                getting.cancel()
             stopping.cancel()
 
 
