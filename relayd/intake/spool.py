@@ -222,6 +222,11 @@ class Spool:
     async def _delete_committed(self) -> None:
         """Delete committed files in a thread, batch after batch, behind the reading: unlinks
         stall on a directory that writers keep busy, and taking files must not wait for them."""
+        # No anyio CapacityLimiter here: this loop is the only caller and deletes one batch at a
+        # time, so the spool never holds more than one worker of the default thread pool (which
+        # aiohttp's threaded DNS resolver shares). And asyncio.to_thread lets a cancellation at
+        # the daemon's drain deadline through even if an unlink hangs (a stalled mount), where
+        # anyio.to_thread.run_sync would wait for the thread unless told to abandon it.
         while True:
             committed = await self._committed.get()
             try:
