@@ -2,6 +2,7 @@
 of its job, while the API keeps answering.
 
     .venv/bin/python benchmarks/spool_burst.py [--files 10000] [--rates 1000,2000,5000,10000,0]
+                                               [--watch binding|asyncinotify]
 
 The real daemon runs in this process (logging at info to a file, as in production). For each
 rate, a writer in its own process first writes the files as `.burst-N.tmp` in the spool, each
@@ -10,6 +11,10 @@ fast as it can, 30-45k/s here: `mv` of a finished batch). The writer notes the w
 before each rename; relayd's accept path notes the wall time just after each commit. Meanwhile
 `/healthz` is asked over the unix socket every 10 ms, and a ticker measures how late the event
 loop runs a 5 ms sleep.
+
+`--watch asyncinotify` runs the daemon with the spool watched through the asyncinotify library
+(`pip install asyncinotify`; see `watch_asyncinotify` below) instead of relayd's own inotify
+binding, everything else alike: run the two interleaved to compare them in one session.
 
 Baseline, in the same run: the same ids through `Store.add_jobs`, one call (one commit) per
 file, with no spool at all: what taking files one by one costs in commits alone.
@@ -27,13 +32,14 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
 
 from relayd.config import parse_config
 from relayd.daemon import Daemon
+from relayd.intake import inotify
 from relayd.logs import TextFormatter
 from relayd.models import Job, Submission
 from relayd.store import SqliteStore
@@ -59,6 +65,71 @@ for i, tmp in enumerate(tmps):
 with open(out, "w") as f:
     json.dump(renamed, f)
 """
+
+
+async def watch_asyncinotify(
+    directory: Path, stop: asyncio.Event, rescan: float
+) -> AsyncIterator[dict[str, bool]]:
+    """relayd's inotify.watch written on asyncinotify 4.4.4, as closely as its API allows: the
+    same mask, the same batches (every event queued when the loop gets to it, up to about 30,000),
+    {} at first, after an overflow and after `rescan` quiet seconds, and the end when the directory
+    goes. `get()` awaits one event (one read of cache_size x 272 bytes, then from its cache);
+    `sync_get()` with sync_timeout=0 drains what is queued without blocking."""
+    import asyncinotify as ai  # a benchmark-only dependency
+
+    mask = ai.Mask(inotify.MASK)
+    # InitFlags.NONBLOCK is O_CLOEXEC in 4.4.4; ask for O_NONBLOCK by value
+    flags = ai.InitFlags(os.O_NONBLOCK | os.O_CLOEXEC)
+    with ai.Inotify(flags=flags, cache_size=inotify.READ_SIZE // 272, sync_timeout=0) as ino:
+        ino.add_watch(directory, mask)
+        # woken like the binding (one Event, set when events come or on stop); one get()
+        # outstanding at a time, kept across quiet spells: cancelling a get() could drop events
+        # it has already read from the kernel
+        ready = asyncio.Event()
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _: ready.set())
+        getting: asyncio.Future[ai.Event] | None = None
+        try:
+            yield {}
+            while not stop.is_set():
+                if getting is None:
+                    ready.clear()
+                    getting = asyncio.ensure_future(ino.get())
+                    getting.add_done_callback(lambda _: ready.set())
+                try:
+                    async with asyncio.timeout(rescan):
+                        await ready.wait()
+                except TimeoutError:
+                    yield {}
+                    continue
+                if not getting.done():
+                    continue  # stopping
+                events = [getting.result()]
+                getting = None
+                while len(events) < 30_000 and (event := ino.sync_get()) is not None:
+                    events.append(event)
+                changes: dict[str, bool] = {}
+                lost = gone = False
+                for event in events:
+                    bits = int(event.mask)
+                    lost = lost or bool(bits & inotify.IN_Q_OVERFLOW)
+                    gone = gone or bool(bits & inotify.GONE)
+                    if event.name is not None:
+                        name = str(event.name)
+                        changes[name] = changes.get(name, False) or not bits & inotify.IN_MOVED_TO
+                if lost:
+                    yield {}
+                elif changes:
+                    yield changes
+                if gone:
+                    logging.getLogger("relayd.intake.spool").error(
+                        "spool directory %s was removed or moved away", directory
+                    )
+                    return
+        finally:
+            if getting is not None:
+                getting.cancel()
+            stopping.cancel()
 
 
 class TimedDaemon(Daemon):
@@ -180,7 +251,13 @@ async def main() -> None:
     parser.add_argument(
         "--rates", default="1000,2000,5000,10000,0", help="files/s, comma-separated; 0: at once"
     )
+    parser.add_argument(
+        "--watch", choices=("binding", "asyncinotify"), default="binding",
+        help="how the spool is watched on Linux: relayd's inotify binding or asyncinotify",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.watch == "asyncinotify":
+        inotify.watch = watch_asyncinotify  # watch_directory looks it up at each start
     n = args.files
     rates = [float(r) for r in args.rates.split(",")]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # other work on the machine
@@ -197,7 +274,7 @@ async def main() -> None:
             results[rate] = await burst(n, rate, tmp / f"run-{i}")
         base = baseline(n, tmp)
         log_lines = sum(1 for _ in (tmp / "relayd.log").open())
-    print(f"{n} spool files, one job id each; load average before: {load}")
+    print(f"{n} spool files, one job id each, watch: {args.watch}; load average before: {load}")
     print("latency = ms from the rename into the spool to the commit of the file's job")
     print(
         "rate       arrival/s taken/s commits    p50    p95    p99    max"

@@ -140,6 +140,7 @@ class Daemon:
             accept=self.accept,
             on_result=lambda outcome: self.count_intake(IntakeOutcome(outcome), "spool"),
             watch=self._watch,
+            clock=self.clock,
         )
         runners: list[web.AppRunner] = []
         try:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relayd.clock import FakeClock
 from relayd.errors import StoreError
 from relayd.intake.envelope import Catalog
 from relayd.intake.spool import BATCH_FILES, Spool
@@ -585,3 +586,75 @@ async def test_files_the_store_refused_are_read_again_on_a_busy_spool(tmp_path: 
     await asyncio.wait_for(task, 2)
     assert not (directory / "waiting.txt").exists()
     assert spool.error is None
+
+
+def test_settle_is_reckoned_on_the_spool_clock(tmp_path: Path) -> None:
+    """A file written in place is held for `settle` seconds of the spool's clock, not real ones."""
+    clock = FakeClock(time.time())
+    spool, taken, directory = make_spool(tmp_path, settle=3600.0, clock=clock)
+    (directory / "inplace.txt").write_text("inplace-1\n")
+    spool.scan()
+    assert taken.ids == []
+    clock.advance(3600.1)
+    spool.scan()
+    assert taken.ids == ["inplace-1"]
+
+
+def test_rejected_note_is_stamped_with_the_spool_clock(tmp_path: Path) -> None:
+    """The time written in NAME.error is the spool clock's wall time."""
+    spool, _, directory = make_spool(tmp_path, clock=FakeClock(1_700_000_000.0))
+    (directory / "link.txt").symlink_to(directory / "elsewhere.txt")
+    spool.scan()
+    assert reason(directory, "link.txt").startswith("2023-11-14T22:13:20Z link.txt: ")
+
+
+async def test_store_retry_is_due_on_the_spool_clock(tmp_path: Path) -> None:
+    """A file the store refused is read again once `retry` has passed on the spool's clock."""
+    clock = FakeClock(time.time())
+    failures = [StoreError("database or disk is full")]
+    taken = Taken()
+
+    def accept(subs: Sequence[Submission], source: str) -> None:
+        if failures:
+            raise failures.pop()
+        taken(subs, source)
+
+    batches: asyncio.Queue[object] = asyncio.Queue()
+    directory = tmp_path / "spool"
+    spool = Spool(
+        directory,
+        catalog=lambda: CATALOG,
+        accept=accept,
+        watch=scripted(batches),
+        retry=3600.0,
+        clock=clock,
+    )
+    spool.prepare()
+    task = asyncio.create_task(spool.run())
+    (directory / "waiting.txt").write_text("waiting-1\n")
+    await batches.put({"waiting.txt": False})
+    await eventually(lambda: spool.error is not None, timeout=2, what="the refusal")
+    (directory / "first.txt").write_text("first-1\n")
+    await batches.put({"first.txt": False})
+    await eventually(lambda: taken.ids == ["first-1"], timeout=2)
+    clock.advance(3600.0)
+    (directory / "second.txt").write_text("second-1\n")
+    await batches.put({"second.txt": False})
+    await eventually(lambda: sorted(taken.ids) == ["first-1", "second-1", "waiting-1"], timeout=2)
+    spool.stop()
+    await asyncio.wait_for(task, 2)
+
+
+async def test_daemon_spool_runs_on_the_daemons_clock(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """The daemon hands its clock to the spool: a file it refuses is stamped with that time."""
+    config = make_config(
+        config_dict(tmp_path, provider.port, {"app": receiver.port}, rate_window="1h"), tmp_path
+    )
+    spool = config.settings.spool_dir
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / "link.txt").symlink_to(tmp_path / "elsewhere.txt")
+    async with running(config, clock=FakeClock(1_700_000_000.0)):
+        pass  # the start-up scan has refused it before the daemon said it was ready
+    assert reason(spool, "link.txt").startswith("2023-11-14T22:13:20Z link.txt: ")

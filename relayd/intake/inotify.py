@@ -5,6 +5,30 @@ an idle relayd does not wake up at all until the RESCAN tick.
 A name renamed into the directory arrives whole; one created, written or chmod-ed there is being
 written in place. Deletions are not asked for: the spool has nothing to do when a file goes. A
 lost event (queue overflow) is reported as {}, a full scan.
+
+Why this binding stays rather than asyncinotify (4.4.4, weighed against it for the spool-intake
+issue): the library passes the kernel's masks through, so it could tell IN_MOVED_TO from a write,
+and it reports IN_Q_OVERFLOW and the end of the watch (IN_DELETE_SELF, IN_IGNORED) like any
+other event. It is slower where the spool needs speed. It builds Python objects for every event
+(a ctypes struct, an IntFlag mask, a pathlib.Path and a weakref to its Watch) and hands them out
+one `get()` at a time, adding and removing the loop's reader around each read. Draining 10,000
+to 16,000 queued renames costs 4.4-8.5 us of event-loop time per event with it, against
+1.1-1.9 us here.
+
+In a burst that time is what relayd needs to take the files. benchmarks/spool_burst.py, run 3
+times with each, interleaved in one session (benchmarks/README.md, "Spool burst"), gives these
+ratios of medians, asyncinotify over this binding:
+- up to 2,000 files/s: the same within noise;
+- 5,000 files/s: p50 1.42x and p99 1.44x (p99 27.4-39.6 ms against 14.7-26.0 ms: the ranges
+  do not overlap), /healthz p99 1.99x;
+- 10,000 files/s: p99 4.15x (129.7-279.7 ms against 56.7-62.6 ms);
+- renamed in at once: 0.73x the files taken per second (8,804-10,010 against 11,838-13,727),
+  1.85x the CPU per file.
+
+It would also need work-arounds. Its InitFlags.NONBLOCK has O_CLOEXEC's value, so its descriptor
+blocks unless O_NONBLOCK is passed by value. A `get()` cancelled after its read has returned
+loses the events it read, so the RESCAN timeout cannot simply wrap it. `spool_burst.py
+--watch asyncinotify` runs the comparison again.
 """
 
 from __future__ import annotations

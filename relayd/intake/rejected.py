@@ -27,9 +27,12 @@ def unusable(rejected: Path) -> str | None:
     return None
 
 
-def move_to_rejected(directory: Path, rejected: Path, name: str, reason: str) -> bool:
+def move_to_rejected(
+    directory: Path, rejected: Path, name: str, reason: str, *, now: float
+) -> bool:
     """Move `name` (whatever it is: the link itself, not its target) into rejected/ and write
-    NAME.error beside it. False if the file was gone already. Raises OSError."""
+    NAME.error beside it, stamped with wall time `now`. False if the file was gone already.
+    Raises OSError."""
     fd = os.open(rejected, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         owner = os.fstat(fd).st_uid
@@ -42,7 +45,7 @@ def move_to_rejected(directory: Path, rejected: Path, name: str, reason: str) ->
             os.rename(os.path.join(directory, name), target, dst_dir_fd=fd)
         except FileNotFoundError:
             return False
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         note = os.open(
             f"{target}.error",
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import watchfiles
 
+from relayd.clock import Clock, SystemClock
 from relayd.errors import StoreError
 from relayd.intake import inotify
 from relayd.intake.envelope import Catalog
@@ -105,9 +106,12 @@ class Spool:
         settle: float = SETTLE,
         grace: float = GRACE,
         retry: float = RESCAN,
+        clock: Clock | None = None,
     ) -> None:
-        """`retry`: seconds before files the store could not take are read again."""
+        """`retry`: seconds before files the store could not take are read again. `clock`: the
+        wall time every settle, grace and retry is reckoned in (the daemon's own)."""
         self.directory = directory
+        self._clock: Clock = clock or SystemClock()
         self.rejected = directory / REJECTED
         self._accept = accept
         self._on_result = on_result
@@ -146,10 +150,11 @@ class Spool:
         """Take what is in the spool at start-up; a file that was still settling is waited for
         (at most `settle`), so every finished file is taken before relayd reports ready."""
         taken = self.scan()
-        soon = [t for t in self._due.values() if t <= time.time() + self._inspector.settle]
+        now = self._clock.time()
+        soon = [t for t in self._due.values() if t <= now + self._inspector.settle]
         if soon:
-            await asyncio.sleep(max(soon) - time.time())
-            taken += sum(map(self._finish, self._passes(self._pop_due(time.time()))))
+            await asyncio.sleep(max(soon) - now)
+            taken += sum(map(self._finish, self._passes(self._pop_due(self._clock.time()))))
         return taken
 
     async def run(self) -> None:
@@ -185,8 +190,9 @@ class Spool:
         last = -PASS_GAP
         while not self._stop.is_set():
             due = self._next_due()
-            if not self._wake.is_set() and (due is None or due > time.time()):
-                delay = None if due is None else due - time.time()
+            now = self._clock.time()
+            if not self._wake.is_set() and (due is None or due > now):
+                delay = None if due is None else due - now
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
@@ -198,7 +204,7 @@ class Spool:
             last = loop.time()
             names, self._changed = self._changed, set()
             whole, self._written = names - self._written, set()
-            names |= self._pop_due(time.time())
+            names |= self._pop_due(self._clock.time())
             if self._rescan:
                 self._rescan = False
                 names = set(self._listing()) | names
@@ -217,6 +223,11 @@ class Spool:
     async def _delete_committed(self) -> None:
         """Delete committed files in a thread, batch after batch, behind the reading: unlinks
         stall on a directory that writers keep busy, and taking files must not wait for them."""
+        # No anyio CapacityLimiter here: this loop is the only caller and deletes one batch at a
+        # time, so the spool never holds more than one worker of the default thread pool (which
+        # aiohttp's threaded DNS resolver shares). And asyncio.to_thread lets a cancellation at
+        # the daemon's drain deadline through even if an unlink hangs (a stalled mount), where
+        # anyio.to_thread.run_sync would wait for the thread unless told to abandon it.
         while True:
             committed = await self._committed.get()
             try:
@@ -229,8 +240,9 @@ class Spool:
         self._deleting -= names
         look = (self._recheck & names).union(again)
         self._recheck -= names
+        now = self._clock.time()
         for name in look:
-            self._wait(name, time.time())
+            self._wait(name, now)
         if look:
             self._wake.set()  # _work may be asleep with no file due
 
@@ -286,6 +298,8 @@ class Spool:
         commit is done, for the caller to _finish (and to let the event loop run meanwhile)."""
         batch: list[Ready] = []
         jobs = looked = 0
+        # perf_counter, not the clock: it only bounds how long one batch keeps the event loop
+        # busy (real elapsed time, whatever time the daemon is told it is)
         started = time.perf_counter()
         for name in names:
             if self._stop.is_set():
@@ -326,7 +340,7 @@ class Spool:
 
     def _examine(self, name: str, whole: bool) -> Verdict:
         try:
-            return self._inspector.examine(name, time.time(), whole=whole)
+            return self._inspector.examine(name, self._clock.time(), whole=whole)
         except Exception as exc:  # a bug must not wedge the spool on one file
             log.exception("unexpected error reading %s", shown(name))
             return Refuse(f"internal error while reading it: {type(exc).__name__}")
@@ -340,12 +354,13 @@ class Spool:
             self._accept([sub for ready in batch for sub in ready.subs], "spool")
         except StoreError as exc:
             self.error = str(exc)
+            retry_at = self._clock.time() + self._retry
             for ready in batch:
                 if ready.name not in self._failing:
                     self._failing.add(ready.name)
                     log.error("cannot store %s, it stays in the spool: %s", shown(ready.name), exc)
                 self._on_result("unavailable")
-                self._wait(ready.name, time.time() + self._retry)  # a busy spool is never quiet
+                self._wait(ready.name, retry_at)  # a busy spool is never quiet
             return []
         except Exception as exc:
             if len(batch) > 1:  # find the file that breaks it; take the others
@@ -388,7 +403,9 @@ class Spool:
 
     def _reject(self, name: str, reason: str) -> None:
         try:
-            moved = move_to_rejected(self.directory, self.rejected, name, reason)
+            moved = move_to_rejected(
+                self.directory, self.rejected, name, reason, now=self._clock.time()
+            )
         except OSError as exc:
             problem = exc.strerror if isinstance(exc.strerror, str) else str(exc)
             self._tell(
