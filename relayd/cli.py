@@ -448,7 +448,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from relayd.config import starter_config
+    from relayd.config_text import starter_config
 
     path = Path(args.path)
     if path.exists() and not args.force:
@@ -459,7 +459,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from relayd.config import render_effective
+    from relayd.config_text import render_effective
 
     config = _config(args)
     print(f"# {config.path}: OK")

@@ -18,9 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
-
-import tomli_w
+from urllib.parse import urlsplit
 
 from relayd.errors import ConfigError
 from relayd.signing import decode_secret
@@ -34,8 +32,8 @@ EVENTS = frozenset(
 KINDS = ("xosum", "aitronos")
 # Where `base_url` may be left out: the API root the provider documents.
 DEFAULT_BASE_URLS = {"aitronos": "https://api.aitronos.com"}
-_LITERAL = "<literal>"
-_MASK = "********"
+LITERAL = "<literal>"
+MASK = "********"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -50,7 +48,7 @@ class Secret:
     value: str = field(repr=False)
 
     def __str__(self) -> str:
-        return _MASK if self.reference == _LITERAL else self.reference
+        return MASK if self.reference == LITERAL else self.reference
 
 
 @dataclass(frozen=True)
@@ -300,7 +298,7 @@ class _Parser:
             resolved = _read_secret(Path(directory) / rest)
         else:
             log.warning("%s: secret written literally; prefer env:, file: or credential:", where)
-            return Secret(_LITERAL, text)
+            return Secret(LITERAL, text)
         if not resolved:
             raise ValueError(f"{text} is empty")
         return Secret(text, resolved)
@@ -354,15 +352,15 @@ class _Table:
         return self.take(key, lambda v: self.parser.secret(self.at(key), v), None, required)
 
 
-def _keys(cls: type[Settings | ProviderConfig | EndpointConfig]) -> tuple[str, ...]:
+def table_keys(cls: type[Settings | ProviderConfig | EndpointConfig]) -> tuple[str, ...]:
     """The TOML keys of a table: its dataclass fields (`signing_secrets` is read from the
     singular key, which holds one or more secrets)."""
     return tuple(f.name.replace("_secrets", "_secret") for f in fields(cls) if f.name != "name")
 
 
-_SETTINGS_KEYS = _keys(Settings)
-_PROVIDER_KEYS = _keys(ProviderConfig)
-_ENDPOINT_KEYS = _keys(EndpointConfig)
+_SETTINGS_KEYS = table_keys(Settings)
+_PROVIDER_KEYS = table_keys(ProviderConfig)
+_ENDPOINT_KEYS = table_keys(EndpointConfig)
 _NO_SECRET = Secret("", "")
 _DEFAULT_HTTP: HttpListen | None = HttpListen("127.0.0.1", 8787)
 
@@ -403,7 +401,7 @@ def _endpoint(p: _Parser, name: str, data: object) -> EndpointConfig:
     initial = t.take("retry_initial", parse_duration, 1.0)
     maximum = t.take("retry_max", parse_duration, 600.0)
     if maximum < initial:
-        p.problem(t.at("retry_max"), f"must be >= retry_initial ({_format_duration(initial)})")
+        p.problem(t.at("retry_max"), f"must be >= retry_initial ({format_duration(initial)})")
     return EndpointConfig(
         name=name,
         url=t.take("url", _url, "", required=True),
@@ -493,118 +491,10 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
 # ---- rendering ----
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     for unit, factor in _UNITS.items():
         count = seconds / factor
         if count >= 1 and abs(count - round(count)) < 1e-9:
             return f"{round(count)}{unit}"
     unit, count = ("s", seconds) if seconds >= 1 else ("ms", seconds * 1000)
     return f"{count:.9f}".rstrip("0").rstrip(".") + unit
-
-
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{_MASK}@{host}"))
-
-
-def _masked(secrets: tuple[Secret, ...]) -> str:
-    shown: list[str] = []
-    for secret in secrets:  # one reference may hold several rotated secrets: show it once
-        if str(secret) not in shown or secret.reference == _LITERAL:
-            shown.append(str(secret))
-    return " ".join(shown)
-
-
-def _plain(key: str, value: object) -> object:
-    """One config value as TOML shows it; every float in the config is a duration."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return _format_duration(value)
-    if isinstance(value, HttpListen):
-        host = f"[{value.host}]" if ":" in value.host else value.host
-        return f"{host}:{value.port}"
-    if isinstance(value, tuple):
-        return _masked(value) if key == "signing_secret" else list(value)
-    if key in ("url", "base_url", "shared_budget"):
-        return _mask_url(str(value))
-    return value if isinstance(value, int | str) else str(value)  # Path, Secret (masked)
-
-
-def _plain_table(obj: Settings | ProviderConfig | EndpointConfig) -> dict[str, object]:
-    values = (getattr(obj, f.name) for f in fields(obj) if f.name != "name")
-    return {key: _plain(key, value) for key, value in zip(_keys(type(obj)), values, strict=True)}
-
-
-def render_effective(config: Config) -> str:
-    """The effective config as TOML: every key with its value, secrets masked."""
-    doc = {
-        "relayd": _plain_table(config.settings),
-        "providers": {name: _plain_table(pc) for name, pc in config.providers.items()},
-        "endpoints": {name: _plain_table(ec) for name, ec in config.endpoints.items()},
-    }
-    source = f" from {config.path}" if config.path else ""
-    return f"# relayd effective configuration{source}; secrets masked\n\n{tomli_w.dumps(doc)}"
-
-
-_STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
-    ("relayd", (
-        ("state_dir", "./state", "SQLite database relayd.db lives here (relative to this file)"),
-        ("spool_dir", "./spool", "drop files here to submit job ids"),
-        ("socket", "./relayd.sock", 'HTTP API on a unix socket; "" disables'),
-        ("http", "127.0.0.1:8787", 'same API plus /metrics and /healthz on TCP; "" disables'),
-        ("api_token", "", 'if set, the TCP API requires "Authorization: Bearer <token>"'),
-        ("shared_budget", "", '"redis://host:6379/0": one budget for every relayd on a key'),
-        ("default_provider", "", 'provider for submissions naming none ("" = the only one)'),
-        ("log_level", "info", "debug | info | warning | error"),
-        ("log_format", "text", "text | json"),
-    )),
-    ("providers.main", (
-        ("kind", "xosum", "xosum | aitronos"),
-        ("base_url", "https://app.xosum.am", "API root (aitronos: https://api.aitronos.com)"),
-        ("api_key", "env:XOSUM_API_KEY", "env:NAME, file:/path or credential:NAME"),
-        ("rate_limit", 60, "requests per window for this key"),
-        ("rate_window", "60s", "fixed window, aligned to the wall clock"),
-        ("poll_interval", "7s", "target time between two polls of one job"),
-        ("max_job_age", "24h", "stop polling a job this long after it was submitted"),
-        ("webhook_secret", "", 'xosum: sent as `secret`; e.g. "env:XOSUM_WEBHOOK_SECRET"'),
-        ("link_template", "", 'xosum: e.g. "https://app.xosum.am/…/{docId}" fills `link`'),
-        ("endpoints", ["app"], "where finished jobs of this provider go"),
-        ("timeout", "30s", "limit on one request to the provider"),
-        ("auth_header", "Authorization: Bearer", '"Header: Prefix" sends "Prefix <key>"'),
-        ("adaptive_polling", True, "poll by expected finish; false: every poll_interval"),
-    )),
-    ("endpoints.app", (
-        ("url", "http://127.0.0.1:8080/webhooks/xosum", "your existing webhook receiver"),
-        ("timeout", "10s", "limit on one POST"),
-        ("events", ["transcript_ready", "transcription.completed"],
-         'add "transcript_failed" / "transcription.failed" to hear about failed jobs'),
-        ("signing_secret", "", '"whsec_…" adds Standard Webhooks signature headers'),
-        ("max_attempts", 15, "then the delivery is dead (relayd redeliver sends it again)"),
-        ("retry_initial", "1s", "first retry delay; grows exponentially with jitter"),
-        ("retry_max", "10m", "cap on one retry delay"),
-        ("max_in_flight", 8, "concurrent POSTs to this endpoint"),
-    )),
-)  # fmt: skip
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
-
-
-def starter_config() -> str:
-    """The commented starter config written by `relayd init`."""
-    lines = ["# relayd configuration: see config.example.toml for every key explained.", ""]
-    for table, keys in _STARTER:
-        lines.append(f"[{table}]")
-        for key, value, comment in keys:
-            assignment = f"{key} = {_toml_value(value)}"
-            line = f"{assignment:<40}  # {comment}"
-            lines += [line] if len(line) <= 100 else [f"# {comment}", assignment]
-        lines.append("")
-    return "\n".join(lines)

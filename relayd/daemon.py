@@ -138,7 +138,7 @@ class Daemon:
             settings.spool_dir,
             catalog=self.catalog,
             accept=self.accept,
-            on_result=lambda outcome: self.count_intake(IntakeOutcome(outcome), "spool"),
+            on_result=lambda outcome: self.count_intake(outcome, "spool"),
             watch=self._watch,
             clock=self.clock,
         )

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.clock import FakeClock
 from relayd.errors import StoreError
 from relayd.intake.envelope import Catalog
 from relayd.intake.spool import BATCH_FILES, Spool
@@ -31,6 +30,7 @@ from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from relayd.models import Submission
 from tests.conftest import api, config_dict, eventually, make_config, running
+from tests.fakes import FakeClock
 
 CATALOG = Catalog(frozenset({"main"}), frozenset(), "main")
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import pytest
 
 from relayd.errors import StoreError
 from relayd.models import DeliveryState, JobState, NewDelivery, Submission, webhook_id
-from relayd.store.sqlite import SCHEMA, SqliteStore
+from relayd.store.sqlite import SqliteStore
+from relayd.store.sqlite_schema import SCHEMA
 from tests.db import integrity_check, job_result, pending_endpoints
 
 T0 = 1_700_000_000.0

@@ -33,7 +33,7 @@ from relayd.intake.spoolfile import (
     shown,
     signature,
 )
-from relayd.models import Submission
+from relayd.models import IntakeOutcome, Submission
 
 log = logging.getLogger("relayd.intake.spool")
 
@@ -101,7 +101,7 @@ class Spool:
         *,
         catalog: Callable[[], Catalog],
         accept: Accept,
-        on_result: Callable[[str], None] = lambda outcome: None,
+        on_result: Callable[[IntakeOutcome], None] = lambda outcome: None,
         watch: Watch = watch_directory,
         settle: float = SETTLE,
         grace: float = GRACE,
@@ -359,7 +359,7 @@ class Spool:
                 if ready.name not in self._failing:
                     self._failing.add(ready.name)
                     log.error("cannot store %s, it stays in the spool: %s", shown(ready.name), exc)
-                self._on_result("unavailable")
+                self._on_result(IntakeOutcome.UNAVAILABLE)
                 self._wait(ready.name, retry_at)  # a busy spool is never quiet
             return []
         except Exception as exc:
@@ -391,7 +391,8 @@ class Spool:
                     continue
             except FileNotFoundError:
                 pass  # someone removed it; its jobs are committed all the same
-            self._on_result("accepted")  # before the unlink: a file gone is a file counted
+            # before the unlink: a file gone is a file counted
+            self._on_result(IntakeOutcome.ACCEPTED)
             log.info("took %s: %d job(s)", shown(ready.name), len(ready.subs))
             try:
                 os.unlink(path)
@@ -420,7 +421,7 @@ class Spool:
             return
         self._told.pop(name, None)
         if moved:
-            self._on_result("rejected")
+            self._on_result(IntakeOutcome.REJECTED)
             log.warning("rejected %s: %s", shown(name), reason)
 
     def _tell(self, name: str, what: str, say: Callable[..., None], *args: object) -> None:

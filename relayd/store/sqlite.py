@@ -27,148 +27,15 @@ from relayd.models import (
     Submission,
     webhook_id,
 )
-
-SCHEMA = [
-    # version 1
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        provider TEXT NOT NULL,
-        doc_id TEXT NOT NULL,
-        state TEXT NOT NULL,
-        metadata TEXT,
-        endpoints TEXT,
-        source TEXT NOT NULL,
-        submitted_at REAL NOT NULL,
-        next_poll_at REAL NOT NULL,
-        polls INTEGER NOT NULL DEFAULT 0,
-        errors INTEGER NOT NULL DEFAULT 0,
-        not_found INTEGER NOT NULL DEFAULT 0,
-        last_status TEXT,
-        etag TEXT,
-        result_status TEXT,
-        result TEXT,
-        finished_at REAL,
-        updated_at REAL NOT NULL,
-        UNIQUE (provider, doc_id)
-    );
-    CREATE INDEX jobs_by_state ON jobs (state, next_poll_at);
-    CREATE TABLE polls (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        at REAL NOT NULL,
-        http_status INTEGER,
-        outcome TEXT NOT NULL,
-        detail TEXT
-    );
-    CREATE INDEX polls_by_job ON polls (job_id);
-    CREATE TABLE deliveries (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        endpoint TEXT NOT NULL,
-        event TEXT NOT NULL,
-        webhook_id TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        last_error TEXT,
-        created_at REAL NOT NULL,
-        delivered_at REAL,
-        UNIQUE (job_id, endpoint, event)
-    );
-    CREATE INDEX deliveries_due ON deliveries (endpoint, state, next_attempt_at);
-    CREATE TABLE attempts (
-        id INTEGER PRIMARY KEY,
-        delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
-        at REAL NOT NULL,
-        status INTEGER,
-        error TEXT,
-        duration REAL NOT NULL,
-        outcome TEXT NOT NULL
-    );
-    CREATE INDEX attempts_by_delivery ON attempts (delivery_id);
-    """,
-    # version 2: budgets survive a clean restart
-    """
-    CREATE TABLE budgets (
-        key TEXT PRIMARY KEY,
-        state TEXT NOT NULL,
-        saved_at REAL NOT NULL
-    );
-    """,
-    # version 3: how long finished jobs took, so the poll cadence can learn across restarts
-    """
-    ALTER TABLE jobs ADD COLUMN ran_for REAL;
-    ALTER TABLE jobs ADD COLUMN media_kind TEXT;
-    ALTER TABLE jobs ADD COLUMN media_seconds REAL;
-    CREATE INDEX jobs_by_run ON jobs (finished_at) WHERE ran_for IS NOT NULL;
-    """,
-    # version 4: /readyz proves the database takes writes by writing this one row
-    """
-    CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
-    """,
-]
-
-# Indexes outside the numbered versions: created when missing, on any schema version, so adding
-# one takes no migration number.
-INDEXES = {
-    # expire_jobs runs per provider every 5 s: without it, each run reads every polling job
-    # (100 providers x 100,000 jobs: 0.9 s per pass); oldest_polling and job_counts use it too.
-    "jobs_by_state_provider": "ON jobs (state, provider, submitted_at)",
-}
-
-
-JOB_COLUMNS = (
-    "id, provider, doc_id, state, metadata, endpoints, source, submitted_at, next_poll_at, "
-    "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at"
+from relayd.store.sqlite_schema import (
+    DELIVERY_COLUMNS,
+    DELIVERY_FROM,
+    INDEXES,
+    JOB_COLUMNS,
+    SCHEMA,
+    delivery_row,
+    job_row,
 )
-DELIVERY_COLUMNS = (
-    "d.id, d.job_id, d.endpoint, d.event, d.webhook_id, d.payload, d.state, d.attempts,"
-    " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id"
-)
-DELIVERY_FROM = "deliveries d JOIN jobs j ON j.id = d.job_id"
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row[0],
-        provider=row[1],
-        doc_id=row[2],
-        state=JobState(row[3]),
-        metadata=json.loads(row[4]) if row[4] is not None else None,
-        endpoints=tuple(json.loads(row[5])) if row[5] is not None else None,
-        source=row[6],
-        submitted_at=row[7],
-        next_poll_at=row[8],
-        polls=row[9],
-        errors=row[10],
-        not_found=row[11],
-        last_status=row[12],
-        etag=row[13],
-        result_status=row[14],
-        finished_at=row[15],
-        updated_at=row[16],
-    )
-
-
-def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(
-        id=row[0],
-        job_id=row[1],
-        endpoint=row[2],
-        event=row[3],
-        webhook_id=row[4],
-        payload=row[5],
-        state=DeliveryState(row[6]),
-        attempts=row[7],
-        next_attempt_at=row[8],
-        last_error=row[9],
-        created_at=row[10],
-        delivered_at=row[11],
-        provider=row[12],
-        doc_id=row[13],
-    )
 
 
 class SqliteStore:
@@ -266,13 +133,13 @@ class SqliteStore:
                     ),
                 ).fetchall()  # one row if it was inserted, none if it was known
                 if rows:
-                    out.append((_job(rows[0]), True))
+                    out.append((job_row(rows[0]), True))
                     continue
                 row = db.execute(
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?",
                     (sub.provider, sub.doc_id),
                 ).fetchone()
-                out.append((_job(row), False))
+                out.append((job_row(row), False))
         return out
 
     # -- reading --------------------------------------------------------------------------------
@@ -281,15 +148,15 @@ class SqliteStore:
         row = self._db.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?", (provider, doc_id)
         ).fetchone()
-        return _job(row) if row else None
+        return job_row(row) if row else None
 
     def find_jobs(self, doc_id: str) -> list[Job]:
         rows = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE doc_id=?", (doc_id,))
-        return [_job(r) for r in rows]
+        return [job_row(r) for r in rows]
 
     def job_by_id(self, job_id: int) -> Job | None:
         row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return job_row(row) if row else None
 
     def list_jobs(
         self, *, state: str | None = None, provider: str | None = None, limit: int = 100
@@ -325,7 +192,7 @@ class SqliteStore:
             if max_bytes is not None and jobs and size > max_bytes:
                 rows.close()
                 return jobs, True
-            jobs.append(_job(row))
+            jobs.append(job_row(row))
         return jobs, False
 
     def polling_jobs(self) -> list[tuple[int, str, float]]:
@@ -359,7 +226,7 @@ class SqliteStore:
             f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE d.job_id=? ORDER BY d.id",
             (job_id,),
         )
-        return [_delivery(r) for r in rows]
+        return [delivery_row(r) for r in rows]
 
     def attempts_for(self, delivery_id: int, limit: int = 50) -> list[dict[str, Any]]:
         """The latest `limit` attempts, oldest first (redeliveries add attempts without end)."""
@@ -547,7 +414,7 @@ class SqliteStore:
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND state=? AND submitted_at<?",
             (provider, JobState.POLLING, submitted_before),
         ).fetchall()
-        expired = [_job(r) for r in rows]
+        expired = [job_row(r) for r in rows]
         for job in expired:
             self.end_job(job.id, JobState.EXPIRED, now=now, detail="max_job_age passed")
         return expired
@@ -591,7 +458,7 @@ class SqliteStore:
             " AND d.next_attempt_at<=? ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (endpoint, DeliveryState.PENDING, now, limit),
         )
-        return [_delivery(r) for r in rows]
+        return [delivery_row(r) for r in rows]
 
     def next_delivery_at(self, endpoint: str, after: float) -> float | None:
         """The earliest pending delivery due later than `after` (those due now are in hand)."""
