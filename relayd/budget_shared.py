@@ -95,7 +95,7 @@ class SharedGrants:
     async def _fetch(self) -> None:
         while True:
             await self._want.wait()
-            if not self.wanted or self.grant is not None:
+            if not self._needs_grant():
                 self._want.clear()
                 continue
             try:
@@ -104,13 +104,18 @@ class SharedGrants:
                 log.exception("shared budget: asking for a grant failed", extra=self._ctx())
                 answer = self.retry
             if isinstance(answer, str):
-                if self.wanted and self.grant is None:
+                if self._needs_grant():  # asked again: the poll loop may have moved on meanwhile
                     self.grant = answer
                     self._on_grant()
                 else:
                     await self._quiet(self.budget.unused(answer))
                 continue
             await asyncio.sleep(answer)
+
+    def _needs_grant(self) -> bool:
+        """The key wants a grant and holds none. A method, not an inline test, because the
+        answer changes across every await (the poll loop runs meanwhile)."""
+        return self.wanted and self.grant is None
 
     async def _ask(self) -> str | float:
         """A slot id, or how long to wait before asking again."""

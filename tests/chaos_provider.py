@@ -161,13 +161,13 @@ class ChaosProvider:
         if kind == "wrong_shape":
             return web.json_response(rng.choice(WRONG_SHAPES[route])(doc))
         if kind == "unknown_status":  # the good answer's shape, with a status nobody documented
-            status = rng.choice(["exploding", "", "Transcribed", "done?", "COMPLETED", "cancelled"])
+            odd = rng.choice(["exploding", "", "Transcribed", "done?", "COMPLETED", "cancelled"])
             answer = json.loads(body) if good.status == 200 and body else None
             if route == "xosum":
-                return web.json_response({**(answer or {"docId": doc}), "status": status})
+                return web.json_response({**(answer or {"docId": doc}), "status": odd})
             if answer is None:
                 answer = {"success": True, "data": {"transcription_id": doc}}
-            answer["data"]["status"] = status
+            answer["data"]["status"] = odd
             return web.json_response(answer)
         if kind == "slow_body":
             return await self._dribble(request, route, doc, good, self.timeout / 4)

@@ -19,6 +19,7 @@ from relayd.daemon import Daemon
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.models import JobState
+from relayd.store import SqliteStore
 from relayd.views import totals
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 
@@ -29,8 +30,7 @@ WEBHOOK_SECRET = "xosum-webhook-secret-42"
 @pytest.fixture
 async def provider() -> AsyncIterator[mock_provider.MockProvider]:
     """A mock Xosum on loopback: 8 requests per 0.25 s window, jobs ready after 0.3 s."""
-    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=0.3)
-    mock.port = port  # type: ignore[attr-defined]
+    mock, runner, _ = await mock_provider.serve(window=0.25, limit=8, ready_after=0.3)
     yield mock
     await runner.cleanup()
 
@@ -42,8 +42,7 @@ async def start_receiver(**kwargs: Any) -> tuple[mock_receiver.Receiver, Any, in
 @pytest.fixture
 async def receiver() -> AsyncIterator[mock_receiver.Receiver]:
     """A webhook receiver that answers 200 to everything."""
-    recv, runner, port = await mock_receiver.serve()
-    recv.port = port  # type: ignore[attr-defined]
+    recv, runner, _ = await mock_receiver.serve()
     yield recv
     await runner.cleanup()
 
@@ -141,6 +140,12 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def sqlite_of(daemon: Daemon) -> SqliteStore:
+    """The daemon's store as the SQLite file it is, for tests that break the database."""
+    assert isinstance(daemon.store, SqliteStore)
+    return daemon.store
 
 
 def states(daemon: Daemon) -> dict[str, int]:

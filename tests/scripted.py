@@ -27,11 +27,12 @@ def fixture(name: str) -> Any:
     return json.loads(fixture_bytes(name))
 
 
-def answer(body: bytes | Any, status: int = 200, **headers: str) -> Answer:
-    """An answer with `body` (bytes as they are; anything else as JSON); header names are given
-    with underscores (`Cache_Control`)."""
+def answer(
+    body: bytes | Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Answer:
+    """An answer with `body` (bytes as they are; anything else as JSON)."""
     raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-    return Answer(status, {k.replace("_", "-"): v for k, v in headers.items()}, raw)
+    return Answer(status, dict(headers or {}), raw)
 
 
 @dataclass(frozen=True)

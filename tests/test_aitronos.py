@@ -84,10 +84,9 @@ def ait_config(tmp_path: Path, port: int, receiver: Receiver, **overrides: Any) 
 @pytest.fixture
 async def ait() -> Any:
     """A mock Aitronos: 8 requests per 0.25 s window, documented answers (max-age compressed)."""
-    mock, runner, port = await mock_provider.serve(
+    mock, runner, _ = await mock_provider.serve(
         window=0.25, limit=8, ready_after=0.6, cache_ages=AIT_CACHE
     )
-    mock.port = port  # type: ignore[attr-defined]
     yield mock
     await runner.cleanup()
 

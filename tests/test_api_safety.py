@@ -23,7 +23,7 @@ from relayd.daemon import Daemon
 from relayd.intake.envelope import MAX_BYTES
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from relayd.models import NewDelivery, Submission
+from relayd.models import AttemptOutcome, NewDelivery, Submission
 from tests.conftest import ENV, api, config_dict, make_config, running
 
 TOKEN = "s3cret-token"
@@ -319,7 +319,7 @@ async def test_job_detail_shows_at_most_the_latest_50_attempts(
                 duration=0.0,
                 status=500,
                 error=f"HTTP 500 #{n}",
-                outcome="retry",
+                outcome=AttemptOutcome.RETRY,
                 next_attempt_at=1e12,
             )
         status, detail = await api(daemon, "GET", "/v1/jobs/main/many")

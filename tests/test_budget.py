@@ -33,6 +33,7 @@ def simulate(
     # (answer or give-up time, tie-breaker, send time, arrival time or None)
     answers: list[tuple[int, int, int, int | None]] = []
     arrivals: list[int] = []
+    arrival: int | None
     seq = 0
     for now in range(ticks):
         while answers and answers[0][0] <= now:
@@ -61,7 +62,6 @@ def simulate(
                 budget.unused()  # the job turned out to be cancelled: nothing sent
                 continue
             latency = rng.randint(0, 2 * window)
-            arrival: int | None
             if rng.random() < 0.2:  # timed out before the answer
                 done = now + rng.randint(0, latency)
                 arrival = rng.randint(now, done) if rng.random() < 0.5 else None

@@ -80,15 +80,15 @@ def plan(seed: int) -> list[Planned]:
     for i, outcome in enumerate(aitronos):
         doc = f"trans_{i:02d}_{outcome}"
         meta = {"n": i} if i % 4 == 0 else None
-        marker = {"marker": f"chaos {seed} {doc} {rng.getrandbits(64):016x}"}
+        mark = {"marker": f"chaos {seed} {doc} {rng.getrandbits(64):016x}"}
         ready = round(rng.uniform(0.1, 1.0), 3)
         if outcome in ("completed", "long"):  # "long": 1,500 paragraphs, two pages
             paragraphs = 1500 if outcome == "long" else rng.randint(1, 6)
             job = Planned("ait", doc, JobState.DELIVERED, "transcription.completed", meta)
-            job.mock = {"ready_after": ready, "paragraphs": paragraphs, **marker}
+            job.mock = {"ready_after": ready, "paragraphs": paragraphs, **mark}
         elif outcome == "failed":  # the endpoint does not want these
             job = Planned("ait", doc, JobState.FAILED, None, meta)
-            job.mock = {"outcome": "failed", "ready_after": ready, **marker}
+            job.mock = {"outcome": "failed", "ready_after": ready, **mark}
         else:
             job = Planned("ait", doc, JobState.UNKNOWN, None, meta, {"outcome": "missing"})
         jobs.append(job)

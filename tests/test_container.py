@@ -77,7 +77,9 @@ def image_env() -> dict[str, str]:
         if words and "=" not in words[0]:  # legacy form: ENV KEY value
             env[words[0]] = " ".join(words[1:])
             continue
-        env.update(word.split("=", 1) for word in words)
+        for word in words:
+            name, _, value = word.partition("=")
+            env[name] = value
     return env
 
 

@@ -27,8 +27,8 @@ from tests.scripted import (
 
 DOC = "trans_a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"  # the id in every example
 BASE = "https://api.aitronos.com/v1/audio/transcribe"
-ACTIVE = {"ETag": '"abc123etag"', "Cache_Control": "public, max-age=5"}
-FINAL = {"ETag": '"def456etag"', "Cache_Control": "public, max-age=86400"}
+ACTIVE = {"ETag": '"abc123etag"', "Cache-Control": "public, max-age=5"}
+FINAL = {"ETag": '"def456etag"', "Cache-Control": "public, max-age=86400"}
 COMPLETED = "aitronos_transcription_200_completed.json"
 PROCESSING = "aitronos_transcription_200_processing.json"
 PARAGRAPHS = "aitronos_paragraphs_200.json"
@@ -42,7 +42,7 @@ def provider() -> AitronosProvider:
 
 def with_status(status: str) -> dict[str, Any]:
     """The processing example with another `data.status`."""
-    doc = fixture(PROCESSING)
+    doc: dict[str, Any] = fixture(PROCESSING)
     doc["data"]["status"] = status
     return doc
 
@@ -73,7 +73,7 @@ async def test_processing_example_is_not_yet_and_teaches_the_cadence(
 ) -> None:
     """200 (processing): not yet, its ETag kept, max-age=5 respected, and the media length
     (`data.audio_metadata.duration_seconds`) and model handed to the adaptive cadence."""
-    http = ScriptedHttp(answer(fixture_bytes(PROCESSING), **ACTIVE))
+    http = ScriptedHttp(answer(fixture_bytes(PROCESSING), headers=ACTIVE))
     outcome = await provider.poll(job(DOC), http)
     assert outcome == Progress(
         "processing", 200, '"abc123etag"', 5.0, Hints("fvt-1", 125.5), finishing=False
@@ -88,14 +88,16 @@ async def test_statuses_other_than_completed_and_failed_are_not_yet(
     provider: AitronosProvider, status: str
 ) -> None:
     """The documented `queued`/`processing`, and any status the documents do not name."""
-    outcome = await provider.poll(job(DOC), ScriptedHttp(answer(with_status(status), **ACTIVE)))
+    outcome = await provider.poll(
+        job(DOC), ScriptedHttp(answer(with_status(status), headers=ACTIVE))
+    )
     assert isinstance(outcome, Progress) and outcome.status == status
 
 
 async def test_304_revalidates_with_the_last_etag(provider: AitronosProvider) -> None:
     """If-None-Match carries the stored ETag; a 304 keeps the last status and is not parsed."""
     polled = job(DOC, etag='"abc123etag"', last_status="processing")
-    http = ScriptedHttp(answer(b"", 304, **ACTIVE))
+    http = ScriptedHttp(answer(b"", 304, headers=ACTIVE))
     outcome = await provider.poll(polled, http)
     assert outcome == Progress("processing", 304, '"abc123etag"', 5.0)
     assert http.sent[0].headers["If-None-Match"] == '"abc123etag"'
@@ -107,8 +109,8 @@ async def test_completed_example_with_the_paragraphs_example_delivers_all_eight_
     """The paragraphs example says total_count 8, returns 2 and links `next` at offset 10:
     relayd asks for offset 2 (its own count), never 10, and delivers all eight in order."""
     http = ScriptedHttp(
-        answer(fixture_bytes(COMPLETED), **FINAL),
-        answer(fixture_bytes(PARAGRAPHS), **FINAL),
+        answer(fixture_bytes(COMPLETED), headers=FINAL),
+        answer(fixture_bytes(PARAGRAPHS), headers=FINAL),
         the_rest,
     )
     outcome = await provider.poll(job(DOC, metadata={"team": "a"}), http)
@@ -153,7 +155,7 @@ async def test_paragraphs_that_contradict_themselves_are_a_failed_poll(
     doc["data"]["paragraphs"] = [{"text": f"p{i}", "start": i, "end": i + 1} for i in range(given)]
     doc["metadata"] |= {"returned_count": returned_count, "total_count": total_count}
     http = ScriptedHttp(
-        answer(fixture_bytes(COMPLETED), **FINAL),
+        answer(fixture_bytes(COMPLETED), headers=FINAL),
         answer(fixture_bytes(PARAGRAPHS)),
         answer(doc),
     )
@@ -168,7 +170,7 @@ async def test_paragraphs_409_example_after_completed_polls_again_soon(
     """The status says completed (max-age=86400), the paragraphs answer the 409 example: a
     short race, so the job is due again at poll_interval, not after the day's max-age."""
     http = ScriptedHttp(
-        answer(fixture_bytes(COMPLETED), **FINAL),
+        answer(fixture_bytes(COMPLETED), headers=FINAL),
         answer(fixture_bytes("aitronos_paragraphs_409.json"), 409),
     )
     outcome = await provider.poll(job(DOC), http)
@@ -177,7 +179,7 @@ async def test_paragraphs_409_example_after_completed_polls_again_soon(
     )
     # the next poll needs the full answer again (its `data` goes into the body): no 304
     again = ScriptedHttp(
-        answer(fixture_bytes(COMPLETED), **FINAL),
+        answer(fixture_bytes(COMPLETED), headers=FINAL),
         answer(fixture_bytes(PARAGRAPHS)),
         the_rest,
     )
@@ -192,7 +194,7 @@ async def test_an_answer_about_another_transcription_is_a_failed_poll(
 ) -> None:
     """`data.transcription_id` names the job; an example polled for another id is not its
     answer, whatever its status."""
-    http = ScriptedHttp(answer(fixture_bytes(example), **FINAL))
+    http = ScriptedHttp(answer(fixture_bytes(example), headers=FINAL))
     with pytest.raises(Retryable, match=f"about transcription_id '{DOC}'"):
         await provider.poll(job("trans_mine"), http)
     assert len(http.sent) == 1  # no paragraphs fetched for someone else's transcript
@@ -203,7 +205,7 @@ async def test_paragraphs_about_another_transcription_are_a_failed_poll(
 ) -> None:
     doc = fixture(PARAGRAPHS)
     doc["data"]["transcription_id"] = "trans_someone_else"
-    http = ScriptedHttp(answer(fixture_bytes(COMPLETED), **FINAL), answer(doc))
+    http = ScriptedHttp(answer(fixture_bytes(COMPLETED), headers=FINAL), answer(doc))
     with pytest.raises(Retryable, match="trans_someone_else"):
         await provider.poll(job(DOC), http)
 
@@ -218,7 +220,7 @@ async def test_failed_is_transcription_failed_with_its_billing(provider: Aitrono
     """`failed` (terminal, max-age=86400): transcription.failed with `data` and `billing`; no
     paragraphs are asked for."""
     doc = with_status("failed")
-    http = ScriptedHttp(answer(doc, **FINAL))
+    http = ScriptedHttp(answer(doc, headers=FINAL))
     outcome = await provider.poll(job(DOC), http)
     assert isinstance(outcome, Finished) and not outcome.succeeded
     [event] = outcome.events
@@ -249,4 +251,4 @@ async def test_an_example_missing_what_identifies_it_is_a_failed_poll(
     doc = copy.deepcopy(fixture(COMPLETED))
     mangle(doc)
     with pytest.raises(Retryable):
-        await provider.poll(job(DOC), ScriptedHttp(answer(doc, **FINAL)))
+        await provider.poll(job(DOC), ScriptedHttp(answer(doc, headers=FINAL)))

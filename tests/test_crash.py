@@ -95,7 +95,10 @@ async def test_kill_9_at_random_moments_loses_nothing(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             kills += 1
-        delivered = lambda: {r.json()["docId"] for r in receiver.accepted}  # noqa: E731
+
+        def delivered() -> set[str]:
+            return {r.json()["docId"] for r in receiver.accepted}
+
         unfinished = len(accepted - delivered())
         proc = await start(path)  # the last life runs to the end
         try:

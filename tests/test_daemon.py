@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from relayd.config import Config
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from tests.conftest import (
@@ -174,13 +176,18 @@ async def test_budget_holds_with_many_jobs_waiting(
     assert len({r.json()["docId"] for r in receiver.accepted}) == 40
 
 
+def skewed(seconds: float) -> float:
+    """A clock `seconds` ahead of this one (behind, when negative)."""
+    return time.time() + seconds
+
+
 async def test_budget_holds_when_the_providers_clock_is_skewed(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     """A provider clock ahead or behind by a fraction of the window still sees no 429."""
     for skew in (+0.11, -0.07):
         mock, runner, port = await mock_provider.serve(
-            window=0.25, limit=6, ready_after=0.3, clock=lambda s=skew: time.time() + s
+            window=0.25, limit=6, ready_after=0.3, clock=functools.partial(skewed, skew)
         )
         try:
             data = config_dict(tmp_path / f"skew{skew}", port, {"app": receiver.port})
@@ -188,7 +195,7 @@ async def test_budget_holds_when_the_providers_clock_is_skewed(
             config = make_config(data, tmp_path)
             async with running(config) as daemon:
                 await api(daemon, "POST", "/v1/jobs", [{"docId": f"s-{i}"} for i in range(24)])
-                await eventually(lambda d=daemon: settled(d, 24), timeout=30)
+                await eventually(lambda: settled(daemon, 24), timeout=30)
             assert mock.rejected == 0, f"skew {skew}"
             assert mock.max_in_fixed_window() <= 6
         finally:
@@ -282,9 +289,10 @@ async def test_expired_and_unknown_jobs_end_visibly(
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", [{"docId": "slow"}, {"docId": "missing-1"}])
         await eventually(lambda: settled(daemon, 2))
-        assert daemon.store.get_job("main", "slow").state == "expired"
+        slow = daemon.store.get_job("main", "slow")
+        assert slow is not None and slow.state == "expired"
         unknown = daemon.store.get_job("main", "missing-1")
-        assert unknown.state == "unknown"
+        assert unknown is not None and unknown.state == "unknown"
         assert unknown.not_found == 2  # plus the third, which ended it
     assert receiver.received == []
 
@@ -376,7 +384,9 @@ async def test_metrics_expose_the_spec_names(
     assert jobs["delivered"] == 1
 
 
-async def _saturate(tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver):  # type: ignore[no-untyped-def]
+async def _saturate(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> Config:
     for i in range(20):
         provider.add_job(f"busy-{i}", ready_after=3600)
     data = config_dict(tmp_path, provider.port, {"app": receiver.port}, rate_window="500ms")
@@ -503,7 +513,9 @@ async def test_a_provider_that_fails_before_sending_gives_its_slot_back(
         daemon.poller.providers = {"main": Broken()}  # type: ignore[dict-item]
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"leak-{i}"} for i in range(3)])
         await eventually(lambda: calls >= 6, what="repeated polls")
-        budget = daemon.poller.keys.of("main").budget
+        key = daemon.poller.keys.of("main")
+        assert key is not None
+        budget = key.budget
         await eventually(lambda: budget.in_flight == 0)
         now = daemon.clock.monotonic()
         assert budget.pending_frees(now) == []  # no slot held in the rolling window

@@ -14,7 +14,16 @@ from standardwebhooks.webhooks import Webhook
 
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from tests.conftest import api, config_dict, eventually, make_config, running, settled, states
+from tests.conftest import (
+    api,
+    config_dict,
+    eventually,
+    make_config,
+    running,
+    settled,
+    sqlite_of,
+    states,
+)
 from tests.db import integrity_check
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -53,7 +62,7 @@ async def test_a_slow_post_does_not_spin_the_delivery_loop(
             calls += 1
             return original(*args)
 
-        daemon.deliverer._dispatch = counting  # type: ignore[method-assign]
+        daemon.deliverer._dispatch = counting  # type: ignore[method-assign, assignment]
         await api(daemon, "POST", "/v1/jobs", {"docId": "slow-post"})
         await eventually(lambda: settled(daemon, 1))
     assert calls < 40, f"{calls} dispatch passes for one 0.5 s POST"
@@ -184,7 +193,7 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "stored-before"})
-        db = daemon.store._db
+        db = sqlite_of(daemon)._db
         if fault == "full":
             pages = db.execute("PRAGMA page_count").fetchone()[0]
             db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on

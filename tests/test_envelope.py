@@ -213,9 +213,10 @@ JSONISH = st.recursive(
 @given(doc=JSONISH)
 def test_arbitrary_json_raises_only_intake_error(doc: object) -> None:
     """Any decoded JSON document, as bytes or as an API body, is accepted or refused cleanly."""
-    for parse in (lambda: parse_json(doc, CATALOG), lambda: parse_bytes(_dump(doc), CATALOG)):
-        with contextlib.suppress(IntakeError):
-            parse()
+    with contextlib.suppress(IntakeError):
+        parse_json(doc, CATALOG)
+    with contextlib.suppress(IntakeError):
+        parse_bytes(_dump(doc), CATALOG)
 
 
 def _dump(doc: object) -> bytes:

@@ -177,11 +177,14 @@ def body(draw: st.DrawFn) -> bytes:
     their metadata 20 %, mutated valid bodies 20 %."""
     pick = draw(st.integers(0, 99))
     if pick < 10:
-        return draw(st.binary(max_size=64))
+        raw: bytes = draw(st.binary(max_size=64))
+        return raw
     if pick < 25:
-        return draw(TEXT_FILE).encode()
+        text: str = draw(TEXT_FILE)
+        return text.encode()
     if pick < 60:
-        return draw(JSON_TEXT).encode()
+        doc: str = draw(JSON_TEXT)
+        return doc.encode()
     if pick < 80:
         return draw(EDGY).encode()
     return draw(mutated())
@@ -208,10 +211,11 @@ def ids_in(data: bytes, *, spool: bool) -> list[str] | None:
         # one of those, so this only decides between refusing and taking the ids around it.
         lines = [line.strip() for line in text.splitlines()]
         return [line for line in lines if line and not line.startswith("#")]
+    if spool and text is None:
+        return None  # the spool reads UTF-8 only
     try:
-        # the spool reads UTF-8 only; an HTTP body goes to json.loads as bytes (which also
-        # takes UTF-16 and UTF-32)
-        doc = json.loads(text if spool else data, parse_constant=_strict)
+        # an HTTP body goes to json.loads as bytes (which also takes UTF-16 and UTF-32)
+        doc = json.loads(text if spool and text is not None else data, parse_constant=_strict)
     except (ValueError, TypeError, RecursionError):
         return None
     items = doc if isinstance(doc, list) else [doc]
@@ -236,7 +240,8 @@ def check_outcome(data: bytes, outcome: list[Submission] | IntakeError, *, spool
     assert named is not None, "accepted something that is not a submission"
     assert [s.doc_id for s in outcome] == named
     for s in outcome:
-        assert isinstance(s.doc_id, str) and JOB_ID.fullmatch(s.doc_id)
+        assert isinstance(s.doc_id, str)
+        assert JOB_ID.fullmatch(s.doc_id)
         assert s.provider in CATALOG.providers
         assert s.endpoints is None or set(s.endpoints) <= CATALOG.endpoints
 
@@ -367,8 +372,8 @@ async def call(
     session: aiohttp.ClientSession, method: str, url: str | URL, data: bytes | None = None
 ) -> tuple[int, Any]:
     """One request; a dropped connection or a non-JSON answer fails the test."""
-    body = io.BytesIO(data) if data is not None else None  # big bytes would warn
-    async with session.request(method, url, data=body) as resp:
+    sent = io.BytesIO(data) if data is not None else None  # big bytes would warn
+    async with session.request(method, url, data=sent) as resp:
         body = await resp.read()
         assert resp.content_type == "application/json", (resp.status, body[:200])
         return resp.status, json.loads(body)

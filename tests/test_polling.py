@@ -23,13 +23,22 @@ from tests.conftest import api, config_dict, eventually, make_config, running, s
 PROGRESS = {"type": "phone_call", "duration": 100.0}
 
 
+def add_call(provider: mock_provider.MockProvider, doc_id: str, ready_after: float) -> None:
+    """A phone call of 100 s (`type` is a base field: every answer says it)."""
+    provider.add_job(
+        doc_id, ready_after=ready_after, progress=PROGRESS, type="phone_call", duration=100.0
+    )
+
+
 async def test_learned_run_times_survive_a_restart(
     tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
 ) -> None:
     """Finished jobs teach how long jobs of their kind take; a restarted daemon still knows."""
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     for i in range(10):
-        provider.add_job(f"learn-{i}", ready_after=0.3, progress=PROGRESS, **PROGRESS)
+        provider.add_job(
+            f"learn-{i}", ready_after=0.3, progress=PROGRESS, type="phone_call", duration=100.0
+        )
     async with running(config) as daemon:
         assert daemon.poller.run_times.expect("main", Hints("phone_call", 100.0)) is None
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
@@ -53,10 +62,16 @@ async def test_a_crowded_key_skips_polls_before_the_expected_finish(
     data = config_dict(tmp_path, provider.port, {"app": receiver.port}, adaptive_polling=adaptive)
     config = make_config(data, tmp_path)
     for i in range(10):
-        provider.add_job(f"learn-{i}", ready_after=1.0, progress=PROGRESS, **PROGRESS)
+        provider.add_job(
+            f"learn-{i}", ready_after=1.0, progress=PROGRESS, type="phone_call", duration=100.0
+        )
     for i in range(6):  # crowd the key: 6 jobs x 0.1 s interval want more than 32 polls/s
-        provider.add_job(f"slow-{i}", ready_after=3600, progress=PROGRESS, **PROGRESS)
-    provider.add_job("young", ready_after=3600, progress=PROGRESS, **PROGRESS)
+        provider.add_job(
+            f"slow-{i}", ready_after=3600, progress=PROGRESS, type="phone_call", duration=100.0
+        )
+    provider.add_job(
+        "young", ready_after=3600, progress=PROGRESS, type="phone_call", duration=100.0
+    )
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
         await eventually(lambda: len(daemon.store.run_times()) == 10)

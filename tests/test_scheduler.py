@@ -129,11 +129,11 @@ def test_no_job_starves_under_overload(
     for _ in range(rounds):
         now += interval  # overloaded: every job is already due again
         for _ in range(k):
-            job = s.pop(now, early=False)
-            if job is None:
+            popped = s.pop(now, early=False)
+            if popped is None:
                 break
-            polls[job] += 1
-            s.add(job, now + interval)
+            polls[popped] += 1
+            s.add(popped, now + interval)
         counts = polls.values()
         assert max(counts) - min(counts) <= 1
     assert min(polls.values()) >= 1

@@ -203,7 +203,7 @@ def config_data(
 
 def bad_config_data(good: dict[str, Any], c: Canaries) -> dict[str, Any]:
     """The config with secrets written into it in wrong shapes: refused, and nothing echoed."""
-    data = json.loads(json.dumps(good))
+    data: dict[str, Any] = json.loads(json.dumps(good))
     data["providers"]["xo"]["api_key"] = c.xosum_key  # a literal: accepted with a warning
     data["providers"]["xo"]["webhook_secret"] = [c.webhook_secret]  # wrong type
     data["providers"]["ait"]["api_key"] = f"{c.aitronos_key}:not-a-scheme"
@@ -378,7 +378,8 @@ async def test_no_secret_in_any_output(tmp_path: Path, log_format: str) -> None:
 
             async def healthy() -> bool:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    return (await call("GET", "/healthz", token=False))[0] == 200
+                    status, _ = await call("GET", "/healthz", token=False)
+                    return bool(status == 200)
                 return False
 
             await until("the daemon to answer /healthz", healthy)

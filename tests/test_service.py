@@ -24,7 +24,16 @@ from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from relayd.mock.receiver import serve as serve_receiver
 from relayd.sdnotify import Notifier
-from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
+from tests.conftest import (
+    ENV,
+    api,
+    config_dict,
+    eventually,
+    make_config,
+    running,
+    settled,
+    sqlite_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,13 +170,13 @@ async def test_readyz_probes_the_database_for_real(
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         assert await api(daemon, "GET", "/readyz") == (200, {"status": "ready"})
-        daemon.store._db.execute("PRAGMA query_only = ON")  # SQLITE_READONLY from here on
+        sqlite_of(daemon)._db.execute("PRAGMA query_only = ON")  # SQLITE_READONLY from here on
         status, body = await api(daemon, "GET", "/readyz")
         assert status == 503
         assert body["status"] == "not ready"
         assert "the database refuses writes" in body["error"]
         assert (await api(daemon, "GET", "/healthz"))[0] == 200
-        daemon.store._db.execute("PRAGMA query_only = OFF")
+        sqlite_of(daemon)._db.execute("PRAGMA query_only = OFF")
         assert (await api(daemon, "GET", "/readyz"))[0] == 200
         daemon.draining = True  # what SIGTERM sets first
         status, body = await api(daemon, "GET", "/readyz")

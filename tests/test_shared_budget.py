@@ -65,6 +65,12 @@ async def budget(
     return b
 
 
+def raw(value: bytes | str) -> bytes:
+    """A Redis reply as the bytes it is (redis-py types replies as bytes or str)."""
+    assert isinstance(value, bytes), value
+    return value
+
+
 class KEY:
     slots, seq, bucket, blocked, hungry, epoch, seen = range(7)
 
@@ -193,11 +199,11 @@ async def test_api_key_never_reaches_redis(client: Client) -> None:
     await b.release(grant.slot)
     await b.block(1, "429")
     stored = b""
-    for name in await client.keys("*"):
+    for name in map(raw, await client.keys("*")):
         stored += name
-        kind = (await client.type(name)).decode()
+        kind = raw(await client.type(name)).decode()
         if kind == "string":
-            stored += await client.get(name) or b""
+            stored += raw(await client.get(name) or b"")
         elif kind == "hash":
             stored += repr(await client.hgetall(name)).encode()
         elif kind == "zset":
@@ -205,7 +211,7 @@ async def test_api_key_never_reaches_redis(client: Client) -> None:
     assert digest.encode() in stored
     assert canary.encode() not in stored
     named = re.compile(rb"relayd:budget:\{[0-9a-f]{64}\}:[a-z]+")
-    assert all(named.fullmatch(k) for k in await client.keys())
+    assert all(named.fullmatch(raw(k)) for k in await client.keys())
 
 
 async def test_racing_clients_never_exceed_the_limit(clients: Callable[[], Client]) -> None:
@@ -259,13 +265,14 @@ async def ask_continuously(
             await asyncio.sleep(max(0.0, min(answer.wait, poll or answer.wait, until - now())))
 
 
-FAIR = {"limit": 20, "window": 0.5, "lease": 1.0}  # 40 requests a second, burst 2
+FAIR: dict[str, Any] = {"limit": 20, "window": 0.5, "lease": 1.0}  # 40 a second, burst 2
 
 
 def allowed(seconds: float) -> float:
     """Grants the budget allows in `seconds` from a fresh start: the pacing (a full bucket, then
     limit/window a second) and the rolling window (limit in any window) both bind."""
-    limit, window = FAIR["limit"], FAIR["window"]
+    limit: int = FAIR["limit"]
+    window: float = FAIR["window"]
     return min(2 + seconds * limit / window, limit * math.ceil(seconds / window))
 
 
@@ -419,7 +426,7 @@ async def test_every_key_expires(client: Client) -> None:
     await b.block(3600, "429")
     await b.acquire()  # denied: marks this instance hungry
     mine = await client.keys(b.keys[KEY.slots].removesuffix("slots") + "*")
-    ttls = {name.decode(): await client.pttl(name) for name in mine}
+    ttls = {raw(name).decode(): await client.pttl(name) for name in mine}
     assert len(ttls) == 7
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     assert ttls[b.keys[KEY.epoch]] > 6 * 24 * 3600 * 1000

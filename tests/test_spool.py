@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Taken:
     """A scripted accept: records the job ids of every commit."""
 
-    def __init__(self, then: Callable[[], None] | None = None) -> None:
+    def __init__(self, then: Callable[[], object] | None = None) -> None:
         self.commits: list[list[str]] = []
         self._then = then
 

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from relayd.errors import StoreError
-from relayd.models import DeliveryState, JobState, NewDelivery, Submission, webhook_id
+from relayd.models import (
+    AttemptOutcome,
+    DeliveryState,
+    JobState,
+    NewDelivery,
+    PollOutcome,
+    Submission,
+    webhook_id,
+)
 from relayd.store.sqlite import SqliteStore
 from relayd.store.sqlite_schema import SCHEMA
 from tests.db import integrity_check, job_result, pending_endpoints
@@ -79,7 +87,7 @@ def attempt(
         duration=0.05,
         status=200 if ok else 500,
         error=None if ok else "HTTP 500",
-        outcome=outcome,
+        outcome=AttemptOutcome(outcome),
         next_attempt_at=next_attempt_at,
         spend=spend,
     )
@@ -126,7 +134,7 @@ def test_reopen_keeps_everything(db_path: Path) -> None:
         job_id,
         now=T0 + 1,
         http_status=200,
-        outcome="pending",
+        outcome=PollOutcome.PENDING,
         detail=None,
         next_poll_at=T0 + 5,
         errors=0,
@@ -380,7 +388,7 @@ def test_record_poll_updates_the_job(store: SqliteStore) -> None:
         job_id,
         now=T0 + 1,
         http_status=200,
-        outcome="pending",
+        outcome=PollOutcome.PENDING,
         detail=None,
         next_poll_at=T0 + 6,
         errors=0,
@@ -392,7 +400,7 @@ def test_record_poll_updates_the_job(store: SqliteStore) -> None:
         job_id,
         now=T0 + 6,
         http_status=503,
-        outcome="error",
+        outcome=PollOutcome.ERROR,
         detail="HTTP 503",
         next_poll_at=T0 + 20,
         errors=1,
@@ -474,7 +482,7 @@ def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: SqliteStor
             job,
             now=T0 + 1,
             http_status=200,
-            outcome="pending",
+            outcome=PollOutcome.PENDING,
             detail=None,
             next_poll_at=T0 + 6,
             errors=0,
@@ -504,7 +512,7 @@ def test_end_job_stops_polling(store: SqliteStore, final: JobState) -> None:
         job_id,
         now=T0 + 3,
         http_status=200,
-        outcome="pending",
+        outcome=PollOutcome.PENDING,
         detail=None,
         next_poll_at=T0 + 4,
         errors=0,

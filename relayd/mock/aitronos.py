@@ -26,8 +26,8 @@ class Aitronos:
     """Answers for the two routes; the caller has found the job (and counted the request)."""
 
     def __init__(self, cache_ages: tuple[float, float] = DOCUMENTED_CACHE_AGES) -> None:
-        if len(cache_ages) != 2 or min(cache_ages) < 0:
-            raise ValueError("cache_ages must be two numbers >= 0")
+        if min(cache_ages) < 0:
+            raise ValueError("cache_ages must be >= 0")
         self.cache_ages = cache_ages
         self._ids = itertools.count(1)
 

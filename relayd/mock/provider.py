@@ -69,6 +69,7 @@ class MockProvider:
         self.api_keys = None if api_keys is None else frozenset(api_keys)
         self.clock = clock
         self.aitronos = Aitronos(cache_ages)
+        self.port = 0  # where serve() bound it
         self.jobs: dict[str, MockJob] = {}
         self.arrivals: list[tuple[float, str]] = []
         self.rejected = 0
@@ -315,7 +316,8 @@ async def serve(
     except BaseException:
         await runner.cleanup()
         raise
-    return provider, runner, int(runner.addresses[0][1])
+    provider.port = int(runner.addresses[0][1])
+    return provider, runner, provider.port
 
 
 async def _serve_until_signalled(port: int, window: float, limit: int, ready_after: float) -> None:

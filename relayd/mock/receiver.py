@@ -53,6 +53,7 @@ class Receiver:
         self.received: list[Received] = []
         self.accepted: list[Received] = []
         self._script = collections.deque(statuses)
+        self.port = 0  # where serve() bound it
         self._default_status = default_status
         self._on_receive = on_receive
         self._retry_after = retry_after
@@ -146,4 +147,5 @@ async def serve(
     except BaseException:
         await runner.cleanup()
         raise
-    return receiver, runner, int(runner.addresses[0][1])
+    receiver.port = int(runner.addresses[0][1])
+    return receiver, runner, receiver.port
