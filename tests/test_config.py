@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.config import (
@@ -205,6 +205,7 @@ def test_parse_duration_refuses(value: object) -> None:
         parse_duration(value)
 
 
+@settings(derandomize=True)
 @given(st.floats(min_value=0.001, max_value=1e7, allow_nan=False))
 def test_formatted_durations_parse_back(seconds: float) -> None:
     """A rendered duration string reads back as the same number of seconds."""
