@@ -24,6 +24,7 @@ from relayd.views import totals
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 
 API_KEY = "test-key-0001"
+API_TIMEOUT = aiohttp.ClientTimeout(total=30)  # an API call that hangs fails the test instead
 WEBHOOK_SECRET = "xosum-webhook-secret-42"
 
 
@@ -97,10 +98,14 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Daemon]:
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.serve(stop.wait))
     ready = asyncio.create_task(daemon.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         ready.cancel()
         task.result()  # raises what broke the start
+    if not done:  # a hang becomes a failure that says where, not a stuck CI run
+        ready.cancel()
+        task.cancel()
+        raise AssertionError("the daemon did not get ready within 30 s")
     try:
         yield daemon
     finally:
@@ -117,8 +122,9 @@ async def api(
     if raw is None and body is not None:
         raw = json.dumps(body).encode()
     data = io.BytesIO(raw) if raw is not None else None
+    connector = aiohttp.UnixConnector(path=str(socket))
     async with (
-        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket))) as session,
+        aiohttp.ClientSession(connector=connector, timeout=API_TIMEOUT) as session,
         session.request(method, "http://relayd" + path, data=data) as resp,
     ):
         text = await resp.text()

@@ -151,9 +151,9 @@ def test_bad_samples_are_ignored_and_seed_replays_rows() -> None:
 
 def test_backlog_period_within_and_over_capacity() -> None:
     assert backlog_period([], 1.0) == (0.0, 0.0)
-    assert backlog_period([7.0] * 5, 1.0) == (pytest.approx(5 / 7), pytest.approx(7.0))
+    assert backlog_period([7.0] * 5, 1.0) == pytest.approx((5 / 7, 7.0))
     # 70 jobs wanting a poll every 7 s, 1 poll/s allowed: each is polled every 70 s
-    assert backlog_period([7.0] * 70, 1.0) == (pytest.approx(10.0), pytest.approx(70.0))
+    assert backlog_period([7.0] * 70, 1.0) == pytest.approx((10.0, 70.0))
 
 
 # -- the whole policy on a fake clock ------------------------------------------------------------
@@ -220,9 +220,9 @@ class Sim:
                 delay = next_delay(now - submitted, self.interval, expected, crowded=crowded)
                 due = now + (delay if self.adaptive else self.interval)
                 schedule.add(job, due, now + self.interval)
-            due, free = schedule.next_at(now), budget.next_free_at(now)
-            assert due is not None and free is not None
-            now = max(now + 1e-9, due, free)
+            next_due, free = schedule.next_at(now), budget.next_free_at(now)
+            assert next_due is not None and free is not None
+            now = max(now + 1e-9, next_due, free)
 
 
 def test_overload_is_fair_under_a_fixed_cadence() -> None:

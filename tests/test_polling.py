@@ -35,12 +35,11 @@ async def test_learned_run_times_survive_a_restart(
 ) -> None:
     """Finished jobs teach how long jobs of their kind take; a restarted daemon still knows."""
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
-    for i in range(10):
-        provider.add_job(
-            f"learn-{i}", ready_after=0.3, progress=PROGRESS, type="phone_call", duration=100.0
-        )
     async with running(config) as daemon:
         assert daemon.poller.run_times.expect("main", Hints("phone_call", 100.0)) is None
+        # registered as they are submitted: a slow start-up must not count as their run time
+        for i in range(10):
+            add_call(provider, f"learn-{i}", 0.3)
         await api(daemon, "POST", "/v1/jobs", [{"docId": f"learn-{i}"} for i in range(10)])
         await eventually(lambda: settled(daemon, 10))
         rows = daemon.store.run_times()
