@@ -23,6 +23,7 @@ import aiohttp
 
 from relayd.config import parse_config
 from relayd.daemon import Daemon
+from relayd.mock.net import wait_port
 from relayd.models import JobState, NewDelivery, Submission
 from relayd.store import SqliteStore
 
@@ -47,17 +48,6 @@ def body(i: int) -> str:
     payload = {"event_type": "transcript_ready", "docId": f"bench-{i:06d}"}
     payload["transcription"] = "lorem ipsum " * 850  # ~10 KB
     return json.dumps(payload)
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("receiver did not start")
 
 
 async def baseline(port: int, n: int, in_flight: int) -> tuple[float, float]:

@@ -46,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from relayd.mock.net import wait_port
 from relayd.models import Submission
 from relayd.store import SqliteStore
 
@@ -117,17 +118,6 @@ def env_with_path(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
     env.update(extra or {})
     return env
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("mock provider did not start")
 
 
 def provider_name(k: int) -> str:

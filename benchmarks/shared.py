@@ -42,18 +42,13 @@ import tomli_w
 
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
+from relayd.mock.net import free_port
 
 SCALE = 30.0
 WINDOW, LIMIT = 60.0 / SCALE, 60
 POLL_INTERVAL = 7.0 / SCALE
 TIMEOUT = 1.0  # provider timeout = the shared budget's lease
 API_KEY = "bench-shared-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from relayd.mock.net import free_port
+
 MISSING = "redis-server is not installed: apt-get install redis-server (CI installs it)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ping(port: int) -> bool:

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
+from relayd.mock.net import free_port
 from relayd.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,12 +101,6 @@ def env_references(value: object) -> set[str]:
     if isinstance(value, str) and value.startswith("env:"):
         return {value[4:]}
     return set()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, token: str | None = None) -> tuple[int, Any]:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
+from relayd.mock import net
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.mock.provider import MockProvider
@@ -515,3 +516,15 @@ async def test_serve_binds_real_ports() -> None:
     finally:
         await p_runner.cleanup()
         await r_runner.cleanup()
+
+
+async def test_loopback_helpers() -> None:
+    """serve_app binds a free port and wait_port sees it; a port nobody serves times out."""
+    app = aiohttp.web.Application()
+    runner, port = await net.serve_app(app, host="127.0.0.1", port=0)
+    try:
+        await net.wait_port(port, timeout=1)
+    finally:
+        await runner.cleanup()
+    with pytest.raises(RuntimeError, match="nothing listens"):
+        await net.wait_port(net.free_port(), timeout=0.1)

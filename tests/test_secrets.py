@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +27,7 @@ from aiohttp import web
 from relayd.config import parse_config
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
+from relayd.mock.net import free_port
 from tests.conftest import api, config_dict, eventually, running
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,12 +116,6 @@ def assert_no_canary(canaries: Canaries, outputs: dict[str, str]) -> None:
         if value in text
     ]
     assert not leaks, "secrets leaked:\n" + "\n".join(leaks)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config_data(

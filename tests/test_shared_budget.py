@@ -17,7 +17,8 @@ import redis.asyncio
 
 from relayd.budget_redis import Denied, Grant, SharedBudget
 from relayd.errors import SharedBudgetUnavailable
-from tests.redis_server import RedisServer, free_port
+from relayd.mock.net import free_port
+from tests.redis_server import RedisServer
 
 Client = redis.asyncio.Redis
 _instances = itertools.count()

@@ -38,6 +38,7 @@ from relayd.mock.jobs import (
     default_outcome,
     job_json,
 )
+from relayd.mock.net import serve_app
 
 __all__ = ["MockJob", "MockProvider", "scaled_cache_ages", "serve"]
 
@@ -309,14 +310,7 @@ async def serve(
         cache_ages=cache_ages,
         clock=clock,
     )
-    runner = web.AppRunner(provider.app(), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    provider.port = int(runner.addresses[0][1])
+    runner, provider.port = await serve_app(provider.app(), host=host, port=port)
     return provider, runner, provider.port
 
 

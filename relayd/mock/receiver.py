@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from relayd.mock.net import serve_app
+
 
 @dataclass(frozen=True)
 class Received:
@@ -140,12 +142,5 @@ async def serve(
 ) -> tuple[Receiver, web.AppRunner, int]:
     """Start a receiver on a TCP site; the caller owns the runner (`await runner.cleanup()`)."""
     receiver = Receiver(**kwargs)
-    runner = web.AppRunner(receiver.app(), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    receiver.port = int(runner.addresses[0][1])
+    runner, receiver.port = await serve_app(receiver.app(), host=host, port=port)
     return receiver, runner, receiver.port
