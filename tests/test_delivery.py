@@ -466,8 +466,7 @@ async def test_deliverer_probes_a_failing_endpoint_one_post_at_a_time_until_a_2x
     tmp_path: Path,
     store: RecordingStore,
 ) -> None:
-    """After two failures in a row, one POST at a time behind the probe backoff; a 2xx ends it
-    and the backlog goes out together again."""
+    """Two failures in a row: one POST at a time behind the probe backoff until a 2xx ends it."""
     seen: list[tuple[int, bool]] = []  # at each POST's arrival: POSTs in flight, probing
 
     def note(deliverer: Deliverer) -> None:
@@ -495,8 +494,7 @@ async def test_deliverer_sends_webhook_id_and_timestamp_and_no_signature_without
     tmp_path: Path,
     store: RecordingStore,
 ) -> None:
-    """webhook-id is the job's and event's stable id, the same on a retry; webhook-timestamp is
-    the send time in seconds; no secret, no webhook-signature."""
+    """webhook-id is the job+event id (same on a retry), timestamp in seconds, no signature."""
     async with deliverer_rig(tmp_path, store, statuses=[500]) as rig:
         await eventually(settled_as(rig, "delivered"), timeout=5, what="job delivered")
     expected = webhook_id("main", "doc-0", "transcript_ready")
@@ -513,8 +511,7 @@ async def test_deliverer_signs_so_that_standardwebhooks_verifies(
     tmp_path: Path,
     store: RecordingStore,
 ) -> None:
-    """With signing_secret, each POST (the retry too) verifies with standardwebhooks; a receiver
-    holding another secret rejects it."""
+    """Every POST (the retry too) verifies with standardwebhooks; another secret rejects it."""
     endpoint = {"signing_secret": SECRET}
     async with deliverer_rig(tmp_path, store, statuses=[500], endpoint=endpoint) as rig:
         await eventually(settled_as(rig, "delivered"), timeout=5, what="job delivered")
@@ -550,8 +547,7 @@ async def hanging_endpoint(
 async def test_deliverer_drain_cuts_a_post_that_outlives_its_bound(
     tmp_path: Path, store: RecordingStore, aiohttp_server: Any
 ) -> None:
-    """drain(0.1) with a POST hanging: cut after about 0.1 s, counted, nothing recorded; the
-    delivery stays pending with no attempt spent, for the next start."""
+    """drain(0.1) cuts a hanging POST after ~0.1 s: counted, nothing recorded, still pending."""
     url, arrived, release = await hanging_endpoint(aiohttp_server)
     try:
         async with deliverer_rig(tmp_path, store, url=url) as rig:
@@ -603,8 +599,7 @@ def refused_url() -> str:
 async def test_deliverer_a_timeout_or_a_refused_connection_spends_an_attempt(
     tmp_path: Path, store: RecordingStore, aiohttp_server: Any, failure: str
 ) -> None:
-    """No answer within the endpoint's timeout, or no connection: a failure with no status and
-    the reason as last_error; with max_attempts 1 the delivery is dead."""
+    """A timeout or refused connection is a statusless failure with its reason as last_error."""
     release = asyncio.Event()
     if failure == "timeout":
         url, _, release = await hanging_endpoint(aiohttp_server)
@@ -646,8 +641,7 @@ async def test_deliverer_an_answer_for_a_delivery_cancelled_during_its_post_chan
     caplog: pytest.LogCaptureFixture,
     status: int,
 ) -> None:
-    """The job cancelled while its POST is in flight: whatever the answer, the delivery stays
-    cancelled, is not counted in relayd_deliveries_total and no retry is announced."""
+    """Cancelled mid-POST: whatever the answer, stays cancelled, uncounted, no retry logged."""
     url, arrived, release = await hanging_endpoint(aiohttp_server, status=status)
     try:
         async with deliverer_rig(tmp_path, store, url=url) as rig:
