@@ -1,4 +1,5 @@
-"""Delivery against real endpoints on loopback: concurrency, probing a down endpoint, signing."""
+"""Delivery against real endpoints on loopback: concurrency, probing a down endpoint, signing;
+through the whole daemon (the Deliverer alone: tests/test_deliverer.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from standardwebhooks.webhooks import Webhook
 
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.store import SqliteStore
 from tests.conftest import (
     api,
     config_dict,
@@ -133,7 +135,6 @@ async def test_a_running_daemon_picks_up_a_replay_made_on_the_database(
     tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
 ) -> None:
     """`relayd redeliver` writes to the database; the running daemon sends it within ~1 s."""
-    from relayd.store import SqliteStore
 
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
@@ -222,7 +223,6 @@ async def test_graceful_stop_lets_a_post_in_flight_finish(
     tmp_path: Path, provider: mock_provider.MockProvider, aiohttp_server: Any
 ) -> None:
     """Stopping while a POST is in flight waits for its answer and records it as delivered."""
-    from relayd.store import SqliteStore
 
     server, _ = await slow_endpoint(aiohttp_server, 0.4)
     config = make_config(config_dict(tmp_path, provider.port, {"app": server.port}), tmp_path)
