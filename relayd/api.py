@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from relayd.errors import IntakeError, StoreError
 from relayd.intake.envelope import MAX_BYTES, Catalog, check_job_id, load_json, parse_json
 from relayd.metrics import CONTENT_TYPE
 from relayd.models import IntakeOutcome, Job, JobState, Submission
+
+log = logging.getLogger("relayd.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
@@ -97,6 +100,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(exc.status, exc.reason)
     except StoreError as exc:
         return error(503, f"the database cannot take this now: {exc}")
+    except Exception:  # a bug: logged with its traceback, answered in JSON like the rest
+        log.exception("API %s %s failed unexpectedly", request.method, request.path)
+        return error(500, "internal error (logged)")
 
 
 def token_auth(token: str) -> Middleware:
@@ -150,6 +156,7 @@ class Api:
         if backend.draining:
             return error(503, "shutting down: not taking new jobs")
         if (request.content_length or 0) > MAX_BYTES:  # say so now, not after 1 MiB
+            backend.count_intake(IntakeOutcome.REJECTED)
             raise web.HTTPRequestEntityTooLarge(MAX_BYTES, request.content_length or 0)
         try:
             async with asyncio.timeout(self.limits.body):
@@ -157,6 +164,9 @@ class Api:
         except TimeoutError:
             backend.count_intake(IntakeOutcome.REJECTED)
             return error(408, f"the body did not arrive within {self.limits.body:g} s")
+        except web.HTTPRequestEntityTooLarge:  # sent without a length, cut at the limit
+            backend.count_intake(IntakeOutcome.REJECTED)
+            raise
         try:
             subs = parse_json(load_json(raw), backend.catalog())
         except IntakeError as exc:

@@ -222,7 +222,7 @@ class Deliverer:
             delay = max(delay, min(outcome.retry_after, MAX_DEFERRAL))
         if state.probing:
             state.probe_at = max(state.probe_at, now + delay)
-        self.store.record_attempt(
+        if not self.store.record_attempt(
             d.id,
             now=now,
             duration=duration,
@@ -231,7 +231,8 @@ class Deliverer:
             outcome=AttemptOutcome.DEFERRED if deferral else AttemptOutcome.RETRY,
             next_attempt_at=now + delay,
             spend=not deferral,
-        )
+        ):
+            return  # cancelled meanwhile: nothing to retry, nothing to count
         self.metrics.deliveries.labels(endpoint.name, "retry").inc()
         if deferral:
             log.warning("endpoint deferred delivery (%s): next in %.2fs", outcome.error, delay,

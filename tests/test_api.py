@@ -340,10 +340,6 @@ async def test_submit_refuses_a_chunked_body_over_1_mib_with_413(
     assert backend.submitted == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a 413 from POST /v1/jobs never reaches count_intake (400 and 408 are REJECTED)",
-)
 @pytest.mark.parametrize("sent", ["announced", "chunked"])
 async def test_submit_counts_an_oversized_body_as_rejected(
     client: Client, backend: FakeBackend, sent: str
@@ -578,6 +574,22 @@ async def test_a_store_error_on_any_route_is_503_json(
         503,
         {"error": "the database cannot take this now: database is locked"},
     )
+
+
+async def test_a_bug_in_the_backend_is_a_json_500_and_a_logged_traceback(
+    client: Client, backend: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception nobody expected still answers in JSON (every error answer is JSON), and
+    the traceback goes to the log, not to the client."""
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug with a secret-ish detail")
+
+    backend.job_detail = fail  # type: ignore[method-assign]
+    assert await client("GET", "/v1/jobs/main/a") == (500, {"error": "internal error (logged)"})
+    [logged] = [r for r in caplog.records if r.name == "relayd.api"]
+    assert "GET /v1/jobs/main/a failed unexpectedly" in logged.getMessage()
+    assert logged.exc_info is not None and "secret-ish" in str(logged.exc_info[1])
 
 
 # -- status, probes, metrics, unknown routes -------------------------------------------------------

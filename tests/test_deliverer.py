@@ -416,20 +416,7 @@ async def test_deliverer_a_timeout_or_a_refused_connection_spends_an_attempt(
         assert error.startswith("ClientConnectorError: Cannot connect to host 127.0.0.1")
 
 
-@pytest.mark.parametrize(
-    "status",
-    [
-        204,
-        pytest.param(
-            500,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: Deliverer._record counts a retry and logs 'next in' although "
-                "record_attempt refused it (the delivery was cancelled during the POST)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("status", [204, 500])
 async def test_deliverer_an_answer_for_a_delivery_cancelled_during_its_post_changes_nothing(
     tmp_path: Path,
     store: RecordingStore,
