@@ -80,8 +80,7 @@ def test_block_seconds_without_retry_after_waits_for_the_next_window() -> None:
 
 
 def test_take_hands_out_due_jobs_earliest_first_within_the_budget() -> None:
-    """take() returns due jobs earliest first, each with a slot taken, until the budget's burst
-    (2 of a 10-request limit) is spent; a job due later is not taken early."""
+    """take() hands out due jobs earliest first, a slot each, until the burst is spent."""
     clock = FakeClock()
     key = make_key(clock=clock)
     now = clock.time()
@@ -182,8 +181,7 @@ def test_next_wake_waits_for_the_next_due_job() -> None:
 
 
 def test_next_wake_waits_for_a_slot_and_for_an_answer() -> None:
-    """Every slot in flight: nothing to wait for but an answer (None); once answered, the slot
-    frees a window after the answer."""
+    """All slots in flight: None (only an answer helps); once answered: a window after it."""
     clock = FakeClock()
     key = make_key(limit=2, window=10.0, clock=clock)
     for job in (1, 2, 3):
@@ -226,8 +224,7 @@ def test_a_refused_key_pauses_and_a_later_good_answer_resumes_it() -> None:
 
 
 def test_an_older_answer_does_not_overrule_a_newer_one() -> None:
-    """A 401 to a poll sent before an accepted one is STALE; an accepted poll sent before a
-    refused one does not resume the key."""
+    """An answer to an older poll never overrules one to a poll sent later (STALE, AGAIN)."""
     clock = FakeClock()
     key = make_key(clock=clock)
     assert key.accepted(20.0) is False
@@ -241,8 +238,7 @@ def test_an_older_answer_does_not_overrule_a_newer_one() -> None:
 
 
 def test_a_paused_key_sends_one_probe_at_a_time_after_probe_after() -> None:
-    """While refused, nothing goes before probe_after, then one job at a time; a good answer
-    lets the rest go."""
+    """A refused key sends one probe after probe_after; a good answer lets the rest go."""
     clock = FakeClock()
     key = make_key(limit=20, clock=clock)
     for job in (1, 2, 3):
@@ -333,8 +329,7 @@ def test_a_slot_given_back_unused_is_not_counted_as_sent() -> None:
 
 
 async def test_acquire_waits_for_a_slot_and_the_schedule_yields_to_it() -> None:
-    """acquire() waits while the budget is empty; while it waits, take() leaves the next free
-    slot to it, and a wake() after the slot frees lets it through."""
+    """acquire() waits for a slot; meanwhile take() leaves the next free slot to it."""
     clock = FakeClock()
     key = make_key(limit=2, window=10.0, clock=clock)
     key.add(1, clock.time(), 7.0)
@@ -449,8 +444,7 @@ def test_configure_builds_one_key_per_api_key(tmp_path: Path) -> None:
 def test_two_tables_with_one_api_key_share_one_key_at_the_smaller_rate(
     tmp_path: Path, smaller_first: bool
 ) -> None:
-    """Tables sharing an API key share one Key whose budget is the smaller rate of the two,
-    whichever table comes first."""
+    """Two tables with one API key share one Key at the smaller rate, in either order."""
     slow = {"api_key": "env:KEY_A", "rate_limit": 30, "rate_window": "60s"}  # 0.5/s
     fast = {"api_key": "env:KEY_A", "rate_limit": 10, "rate_window": "1s"}  # 10/s
     tables = {"slow": slow, "fast": fast} if smaller_first else {"fast": fast, "slow": slow}
@@ -466,8 +460,7 @@ def test_two_tables_with_one_api_key_share_one_key_at_the_smaller_rate(
 
 
 def test_a_reload_keeps_what_a_key_spent(tmp_path: Path) -> None:
-    """A reload keeps the same Key with its spent slots and 429 block, under the new limit; its
-    schedule is emptied for the caller to fill again."""
+    """A reload keeps the Key, its spent slots and its 429 block under the new limit."""
     clock = FakeClock()
     keys = new_keys(clock)
     keys.configure(config_of(tmp_path, main={"api_key": "env:KEY_A", "rate_limit": 2,
@@ -512,8 +505,7 @@ def test_a_reload_with_another_api_key_starts_a_fresh_budget(tmp_path: Path) -> 
 
 
 def test_a_clean_stop_carries_spent_slots_and_blocks_into_the_next_run(tmp_path: Path) -> None:
-    """save() at a clean stop and restore() in a new process (another monotonic origin) keep
-    each slot's free time and each 429 block at the same wall-clock moment."""
+    """save()/restore() keep slot frees and 429 blocks at the same wall time across a restart."""
     config = config_of(
         tmp_path,
         a={"api_key": "env:KEY_A", "rate_limit": 2, "rate_window": "10s"},
@@ -579,8 +571,7 @@ def test_a_slot_already_free_at_restart_is_not_carried(tmp_path: Path) -> None:
 
 
 def test_after_a_crash_a_busy_key_stays_closed_for_one_window(tmp_path: Path) -> None:
-    """No clean-stop record: a key with a job still polling is closed one window; a key whose
-    jobs ended more than a window ago, or that has none, is open at once."""
+    """After a crash a key with a job polling is closed one window; idle keys are open."""
     config = config_of(
         tmp_path,
         busy={"api_key": "env:KEY_A", "rate_limit": 4, "rate_window": "10s"},
@@ -606,8 +597,7 @@ def test_after_a_crash_a_busy_key_stays_closed_for_one_window(tmp_path: Path) ->
 
 
 def test_a_key_active_within_the_last_window_is_closed_after_a_crash(tmp_path: Path) -> None:
-    """A job that ended less than a window before the crash may have left requests in the
-    provider's window: its key is closed one window too."""
+    """After a crash a key whose job ended within the last window is closed one window too."""
     config = config_of(tmp_path, a={"api_key": "env:KEY_A", "rate_limit": 4,
                                     "rate_window": "10s"})  # fmt: skip
     store = SqliteStore(tmp_path / "relayd.db")

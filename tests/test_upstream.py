@@ -21,6 +21,7 @@ from relayd.errors import RateLimited, Retryable
 from relayd.keys import MAX_BLOCK, Key, key_id
 from relayd.metrics import Metrics
 from relayd.providers import upstream
+from relayd.providers.base import Answer
 from relayd.providers.upstream import Upstream, blank
 from tests.conftest import config_dict
 from tests.fakes import FakeClock
@@ -47,6 +48,13 @@ class Server:
         server = await self._aiohttp_server(app)
         self.base = f"http://127.0.0.1:{server.port}"
         return self
+
+
+class Bounded(Upstream):
+    """Upstream whose requests fail the test after 5 s (a slot never granted) instead of hanging."""
+
+    async def get(self, url: str, **kwargs: Any) -> Answer:
+        return await asyncio.wait_for(super().get(url, **kwargs), 5.0)
 
 
 def provider_config(tmp_path: Path, port: int = 9, **overrides: Any) -> ProviderConfig:
@@ -90,7 +98,7 @@ class Rig:
         assert self.key.take(self.clock.monotonic(), self.clock.time()) == (1, None)
 
     def upstream(self, slot: str | None = None) -> Upstream:
-        return Upstream(
+        return Bounded(
             session=self.session,
             key=self.key,
             provider=self.provider,
@@ -132,8 +140,7 @@ def status(code: int, **headers: str) -> Handler:
 async def test_the_prepaid_request_spends_the_slot_it_was_given_and_no_other(
     tmp_path: Path, aiohttp_server: Any, session: aiohttp.ClientSession
 ) -> None:
-    """A prepaid first request acquires nothing, and gives back the poll loop's slot (and its
-    shared-budget grant) when the answer arrives."""
+    """A prepaid first request acquires nothing and releases the slot (and grant) it was given."""
     server = await Server(aiohttp_server).start(ok())
     rig = Rig(tmp_path, session, rate_limit=10, rate_window="60s")
     rig.prepay()
@@ -151,8 +158,7 @@ async def test_the_prepaid_request_spends_the_slot_it_was_given_and_no_other(
 async def test_every_further_request_acquires_a_slot_of_its_own(
     tmp_path: Path, aiohttp_server: Any, session: aiohttp.ClientSession
 ) -> None:
-    """After the prepaid request, each request (prepaid or not) waits for a slot of its own;
-    with the budget spent, the next one is not sent until a slot frees."""
+    """Every request after the prepaid one waits for a slot of its own before it is sent."""
     server = await Server(aiohttp_server).start(ok())
     rig = Rig(tmp_path, session, rate_limit=10, rate_window="60s")  # burst of 2, 1 per 6 s
     rig.prepay()
@@ -176,8 +182,7 @@ async def test_every_further_request_acquires_a_slot_of_its_own(
 async def test_a_prepaid_poll_that_asks_for_no_prepaid_request_acquires_anyway(
     tmp_path: Path, aiohttp_server: Any, session: aiohttp.ClientSession
 ) -> None:
-    """A request sent without prepaid=True takes a slot of its own, leaving the prepaid one
-    unused (the poll loop gives it back)."""
+    """A request without prepaid=True acquires a slot even when the prepaid one is unused."""
     server = await Server(aiohttp_server).start(ok())
     rig = Rig(tmp_path, session, rate_limit=10, rate_window="60s")
     http = rig.upstream(slot="grant-7")
@@ -206,8 +211,7 @@ async def test_a_slot_frees_a_window_after_its_answer_not_its_send(
 async def test_headers_and_params_are_sent_and_redirects_not_followed(
     tmp_path: Path, aiohttp_server: Any, session: aiohttp.ClientSession
 ) -> None:
-    """The provider's headers and query reach the server; a redirect is handed back as is,
-    never followed (it would carry the API key to wherever it points)."""
+    """Headers and query reach the server; a redirect is returned as is, never followed."""
 
     async def redirect(request: web.Request) -> web.Response:
         if request.path == "/elsewhere":
