@@ -105,9 +105,11 @@ class Budget:
         self._frees.append(now + self.window)
 
     def unused(self) -> None:
-        """A slot was taken but no request went out."""
+        """A slot was taken but no request went out: nor is one counted as sent."""
         self.in_flight = max(0, self.in_flight - 1)
         self._tokens = min(self.burst, self._tokens + 1)
+        if self._sent:
+            self._sent.pop()
 
     def pending_frees(self, now: float) -> list[float]:
         """When the used slots free up (requests still in flight count as answered now)."""

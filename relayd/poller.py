@@ -235,7 +235,9 @@ class Poller:
             interval = next_delay(
                 now - job.submitted_at, pc.poll_interval, expected, crowded=crowded
             )
-        soonest = max(pc.poll_interval, outcome.min_interval or 0.0)
+        soonest = pc.poll_interval
+        if not outcome.finishing:  # a race, not a wait: the answer's max-age does not apply
+            soonest = max(soonest, outcome.min_interval or 0.0)
         due = now + max(interval, soonest)
         self.store.record_poll(
             job.id,
@@ -301,7 +303,7 @@ class Poller:
         if outcome.succeeded:
             # it finished between the previous poll (or submission) and this one
             ran_for = max(0.0, (max(job.updated_at, job.submitted_at) + now) / 2 - job.submitted_at)
-        self.store.finish_job(
+        if not self.store.finish_job(
             job.id,
             now=now,
             result_status=outcome.status,
@@ -313,7 +315,8 @@ class Poller:
             ran_for=ran_for,
             media_kind=outcome.hints.kind,
             media_seconds=outcome.hints.media_seconds,
-        )
+        ):
+            return  # cancelled while it was polled: nothing stored, nothing to deliver
         if ran_for is not None:
             self.run_times.observe(job.provider, outcome.hints, ran_for)
         log.info(

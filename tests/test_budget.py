@@ -329,7 +329,7 @@ def test_used_in_window_after_many_windows() -> None:
     for i in range(500):
         wall = i * 0.5
         assert budget.try_acquire(wall, wall=wall)
-        budget.unused()
+        budget.release(wall)
     assert budget.used_in_window(249.5) == 20
     assert len(budget._sent) <= 41
 

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from relayd.cadence import Hints
 from relayd.clock import SystemClock
 from relayd.errors import NotFound, ProviderError, Retryable
 from relayd.keys import Key
@@ -191,12 +192,6 @@ async def test_finishing_is_polled_again_at_poll_interval_not_the_adaptive_delay
     assert gap(b) == pytest.approx(4 * POLL_INTERVAL, abs=1e-6)  # 100 s overdue
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Poller._progress takes soonest = max(poll_interval, min_interval) for every "
-    "Progress, finishing or not: a finishing answer carrying a day's max-age is polled "
-    "again in a day, not at poll_interval",
-)
 async def test_finishing_is_polled_again_at_poll_interval_despite_a_huge_min_interval(
     store: SqliteStore,
 ) -> None:
@@ -463,8 +458,11 @@ async def test_a_job_cancelled_between_polls_is_dropped(store: SqliteStore) -> N
     assert rig.outcomes(job) == [(200, "pending"), (None, "cancelled")]
 
 
-async def test_a_job_cancelled_while_polled_delivers_nothing(store: SqliteStore) -> None:
-    """A result for a job cancelled during its poll creates no delivery and no further poll."""
+async def test_a_job_cancelled_while_polled_delivers_nothing(
+    store: SqliteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result for a job cancelled during its poll creates no delivery and no further poll,
+    wakes no delivery loop, says nothing of deliveries, and teaches no run time."""
     answered = asyncio.Event()
 
     async def slow(job: Job, http: Http) -> Progress | Finished:
@@ -482,3 +480,7 @@ async def test_a_job_cancelled_while_polled_delivers_nothing(store: SqliteStore)
     assert rig.job(job).state == JobState.CANCELLED
     assert rig.store.deliveries_for(job.id) == []
     assert len(provider.seen) == 1
+    assert rig.finished == []
+    assert "deliveries" not in caplog.text
+    assert rig.poller.run_times.expect("main", Hints()) is None
+    assert rig.store.run_times() == []

@@ -52,7 +52,7 @@ class Progress:
     min_interval: float | None = None  # do not poll this job again sooner (Cache-Control)
     hints: Hints = field(default_factory=Hints)  # what the answer says about the media
     # the provider says it is done, but the rest of the result is not there yet (a short race):
-    # poll again after `poll_interval`, whatever the adaptive cadence would wait
+    # poll again after `poll_interval`, whatever the adaptive cadence or `min_interval` say
     finishing: bool = False
 
 
