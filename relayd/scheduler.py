@@ -40,10 +40,6 @@ class Schedule:
         start = due if ready is None else min(ready, due)
         heapq.heappush(self._waiting, (start, seq, job_id))
 
-    def remove(self, job_id: int) -> None:
-        self._due.pop(job_id, None)
-        self._entry.pop(job_id, None)
-
     def _live(self, entry: tuple[float, int, int]) -> bool:
         return self._entry.get(entry[2]) == entry[1]
 

@@ -60,25 +60,10 @@ def test_reschedule_keeps_only_the_latest_due_later() -> None:
     assert drain(s, 100.0) == [2, 1]
 
 
-def test_remove_drops_the_job() -> None:
-    """A removed job is never popped; removing an unknown job is harmless."""
+def test_readded_job_is_popped_once() -> None:
+    """Stale heap entries of a job added again never yield it a second time."""
     s = Schedule()
     s.add(1, 1.0)
-    s.add(2, 2.0)
-    s.remove(1)
-    s.remove(99)
-    assert 1 not in s
-    assert 2 in s
-    assert len(s) == 1
-    assert s.next_at(0.0, early=False) == 2.0
-    assert drain(s, 10.0) == [2]
-
-
-def test_removed_then_readded_job_is_popped_once() -> None:
-    """Stale heap entries of a removed job never yield it a second time."""
-    s = Schedule()
-    s.add(1, 1.0)
-    s.remove(1)
     s.add(1, 1.0)
     s.add(1, 1.0)
     assert drain(s, 5.0) == [1]
@@ -104,7 +89,7 @@ def test_waiting_counts_due_jobs() -> None:
     assert s.waiting(0.5) == 0
     assert s.waiting(5.0) == 2
     assert s.waiting(100.0) == 4
-    s.remove(1)
+    assert s.pop(5.0) == 1  # taken to be polled: no longer waiting
     assert s.waiting(5.0) == 1
 
 
