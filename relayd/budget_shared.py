@@ -15,7 +15,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 import redis.asyncio
 
 from relayd.budget_redis import Denied, SharedBudget
+from relayd.clock import Clock, SystemClock
 from relayd.errors import SharedBudgetUnavailable
 
 log = logging.getLogger("relayd.budget_shared")
@@ -37,8 +37,10 @@ class SharedGrants:
         providers: Callable[[], list[str]],
         on_grant: Callable[[], None],
         retry: float,
+        clock: Clock,
     ) -> None:
         self.budget = budget
+        self._clock = clock
         self.where = where  # the Redis address, without credentials, for messages
         self._providers = providers
         self._on_grant = on_grant
@@ -134,7 +136,7 @@ class SharedGrants:
     def _down(self, error: str) -> None:
         self.error = error
         if self.unreachable_since is None:
-            self.unreachable_since = time.time()
+            self.unreachable_since = self._clock.time()
             log.error(
                 "SHARED BUDGET UNREACHABLE (%s: %s): polling on this key is paused until it"
                 " returns, so no instance can overrun the key; retrying every %.3gs",
@@ -149,7 +151,7 @@ class SharedGrants:
             log.warning(
                 "shared budget reachable again (%s) after %.1fs: polling resumes",
                 self.where,
-                time.time() - self.unreachable_since,
+                self._clock.time() - self.unreachable_since,
                 extra=self._ctx(),
             )
             self.unreachable_since = None
@@ -209,7 +211,8 @@ class SharedGrants:
 class SharedBudgets:
     """One Redis connection for every key of this relayd; one SharedGrants per key."""
 
-    def __init__(self, url: str, *, retry: float = 1.0) -> None:
+    def __init__(self, url: str, *, retry: float = 1.0, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or SystemClock()
         parts = urlsplit(url)
         host = parts.hostname or ""
         self.where = f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
@@ -232,6 +235,7 @@ class SharedBudgets:
             providers=providers,
             on_grant=on_grant,
             retry=min(self.retry, budget.window),
+            clock=self._clock,
         )
 
     def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> SharedBudget:

@@ -122,7 +122,7 @@ class Daemon:
         if settings.shared_budget:
             from relayd.budget_shared import SharedBudgets  # needs the optional redis extra
 
-            shared = SharedBudgets(settings.shared_budget)
+            shared = SharedBudgets(settings.shared_budget, clock=self.clock)
         self.poller = Poller(
             shared=shared,
             config=config,
@@ -478,6 +478,7 @@ async def run(
 def _reload(daemon: Daemon) -> None:
     path = daemon.config.path
     assert path is not None
+    # systemd compares this with its own CLOCK_MONOTONIC: the real clock, not the daemon's
     daemon.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         daemon.reload(load_config(path))

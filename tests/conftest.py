@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,14 @@ async def provider() -> AsyncIterator[mock_provider.MockProvider]:
     mock, runner, _ = await mock_provider.serve(window=0.25, limit=8, ready_after=0.3)
     yield mock
     await runner.cleanup()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    """A real SQLite store in the test's own directory."""
+    opened = SqliteStore(tmp_path / "relayd.db")
+    yield opened
+    opened.close()
 
 
 async def start_receiver(**kwargs: Any) -> tuple[mock_receiver.Receiver, Any, int]:

@@ -20,6 +20,7 @@ from relayd.errors import StoreError
 from relayd.intake.envelope import MAX_BYTES, Catalog
 from relayd.metrics import CONTENT_TYPE
 from relayd.models import FINAL_JOB_STATES, IntakeOutcome, Job, JobState, Submission
+from tests.scripted import job
 
 TOKEN = "api-test-token"
 DEFAULT_LIMITS = ApiLimits()
@@ -27,28 +28,9 @@ METRICS = b"# HELP relayd_up A fake metric.\n# TYPE relayd_up gauge\nrelayd_up 1
 
 
 def make_job(job_id: int, provider: str, doc_id: str, **fields: Any) -> Job:
-    """A job as a store would hand it out: polling, submitted at t=1000."""
-    values: dict[str, Any] = {
-        "id": job_id,
-        "provider": provider,
-        "doc_id": doc_id,
-        "state": JobState.POLLING,
-        "metadata": None,
-        "endpoints": None,
-        "source": "api",
-        "submitted_at": 1_000.0 + job_id,
-        "next_poll_at": 1_100.0 + job_id,
-        "polls": 0,
-        "errors": 0,
-        "not_found": 0,
-        "last_status": None,
-        "etag": None,
-        "result_status": None,
-        "finished_at": None,
-        "updated_at": 1_000.0 + job_id,
-    }
-    values.update(fields)
-    return Job(**values)
+    """A job as a store would hand it out: polling, submitted at t=1000 + its id."""
+    times = {"submitted_at": 1_000.0 + job_id, "next_poll_at": 1_100.0 + job_id}
+    return job(doc_id, id=job_id, provider=provider, updated_at=1_000.0 + job_id, **times | fields)
 
 
 @dataclass

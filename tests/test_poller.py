@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,13 +88,6 @@ class Rig:
 
     def outcomes(self, job: Job) -> list[tuple[int | None, str]]:
         return [(p["http_status"], p["outcome"]) for p in self.store.polls_for(job.id)]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "relayd.db")
-    yield store
-    store.close()
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from relayd.keys import MAX_BLOCK, Key, key_id
 from relayd.metrics import Metrics
 from relayd.providers import upstream
 from relayd.providers.base import Answer
-from relayd.providers.upstream import Upstream, blank
+from relayd.providers.upstream import MAX_ANSWER_BYTES, Upstream, blank
 from tests.conftest import config_dict
 from tests.fakes import FakeClock
 
@@ -97,13 +97,14 @@ class Rig:
         self.key.add(1, self.clock.time(), self.provider.poll_interval)
         assert self.key.take(self.clock.monotonic(), self.clock.time()) == (1, None)
 
-    def upstream(self, slot: str | None = None) -> Upstream:
+    def upstream(self, slot: str | None = None, max_bytes: int = MAX_ANSWER_BYTES) -> Upstream:
         return Bounded(
             session=self.session,
             key=self.key,
             provider=self.provider,
             slot=slot,
             metrics=self.metrics,
+            max_bytes=max_bytes,
         )
 
     def count(self, metric: str, **labels: str) -> float:
@@ -309,10 +310,8 @@ async def test_an_answer_over_max_answer_bytes_is_retryable_and_frees_its_slot(
     tmp_path: Path,
     aiohttp_server: Any,
     session: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An answer of MAX_ANSWER_BYTES passes; one byte more is a Retryable, its slot released."""
-    monkeypatch.setattr(upstream, "MAX_ANSWER_BYTES", 1000)
+    """An answer of `max_bytes` passes; one byte more is a Retryable, its slot released."""
 
     async def sized(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * int(request.query["size"]))
@@ -320,7 +319,7 @@ async def test_an_answer_over_max_answer_bytes_is_retryable_and_frees_its_slot(
     server = await Server(aiohttp_server).start(sized)
     rig = Rig(tmp_path, session, rate_limit=10, rate_window="60s")
     rig.prepay()
-    http = rig.upstream()
+    http = rig.upstream(max_bytes=1000)
     answer = await http.get(server.base + "/job", params={"size": "1000"}, prepaid=True)
     assert len(answer.body) == 1000
     with pytest.raises(Retryable, match="answer larger than 1000 bytes"):

@@ -4,7 +4,6 @@ on a real SQLite store."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from relayd.views import job_detail, status_from_store, totals
 from tests.conftest import config_dict, make_config
 
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "relayd.db")
-    yield s
-    s.close()
 
 
 @pytest.fixture

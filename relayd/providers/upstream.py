@@ -34,8 +34,10 @@ class Upstream:
         provider: ProviderConfig,
         slot: str | None,
         metrics: Metrics,
+        max_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._session = session
+        self._max_bytes = max_bytes  # a longer answer is a failed poll, not a full memory
         self._key = key
         self._provider = provider
         self._metrics = metrics
@@ -66,8 +68,8 @@ class Upstream:
                 chunks, size = [], 0
                 async for chunk in resp.content.iter_chunked(65536):
                     size += len(chunk)
-                    if size > MAX_ANSWER_BYTES:
-                        raise Retryable(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+                    if size > self._max_bytes:
+                        raise Retryable(f"answer larger than {self._max_bytes} bytes")
                     chunks.append(chunk)
                 body = blank(b"".join(chunks), provider.api_key.value)
                 answer = Answer(resp.status, CIMultiDict(resp.headers), body)
