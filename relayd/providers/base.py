@@ -1,7 +1,8 @@
-"""What the poll loop needs from a provider, and the errors a provider may raise.
+"""What the poll loop needs from a provider, and what a provider hands back.
 
-Providers turn one HTTP answer (or a few) into a `Progress` or a `Finished`; they never see
-aiohttp. The `Http` they are given spends the key's budget on every request.
+Providers turn one HTTP answer (or a few) into a `Progress` or a `Finished`, or raise one of
+the `ProviderError` kinds of `relayd.errors` (`classify` picks it from an HTTP status); they
+never see aiohttp. The `Http` they are given spends the key's budget on every request.
 """
 
 from __future__ import annotations
