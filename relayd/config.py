@@ -35,8 +35,8 @@ DEFAULT_BASE_URLS = {"aitronos": "https://api.aitronos.com"}
 LITERAL = "<literal>"
 MASK = "********"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>[0-9]{1,5})")
 _HEADER = re.compile(r"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*:\s*|\s+)?(?P<prefix>\S*)")
 _T = TypeVar("_T")
@@ -96,6 +96,8 @@ class Settings:
     http: HttpListen | None
     api_token: Secret | None
     shared_budget: str
+    retention: float  # seconds an ended job is kept; 0: forever
+    dead_retention: float  # seconds a dead delivery (and its job) is kept; 0: forever
     default_provider: str
     log_level: str
     log_format: str
@@ -126,12 +128,13 @@ def _type(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number of seconds or a string like "500ms", "7s", "1.5m", "24h"; > 0."""
+    """Seconds from a number of seconds or a string like "500ms", "7s", "1.5m", "24h", "7d";
+    > 0."""
     if isinstance(value, str):
         match = _DURATION.fullmatch(value.strip())
         if match is None:
             raise ValueError(
-                f"invalid duration {value!r}: use seconds or <number><unit>, unit ms, s, m or h"
+                f"invalid duration {value!r}: use seconds or <number><unit>, unit ms, s, m, h or d"
             )
         seconds = float(match[1]) * _UNITS[match[2]]
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -141,6 +144,18 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration must be > 0, got {value!r}")
     return seconds
+
+
+def parse_retention(value: object) -> float:
+    """A retention: a duration, or 0 (also "0", "0s", ...) to keep forever (returned as 0.0)."""
+    if value == 0 or (
+        isinstance(value, str) and value.strip() in ("0", "0s", "0ms", "0m", "0h", "0d")
+    ):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or 0 to keep forever)") from None
 
 
 def _str(value: object) -> str:
@@ -375,6 +390,8 @@ def _settings(p: _Parser, data: object) -> Settings:
         http=t.take("http", _listen, _DEFAULT_HTTP),
         api_token=t.secret("api_token"),
         shared_budget=t.take("shared_budget", _budget_url, ""),
+        retention=t.take("retention", parse_retention, 7 * 86400.0),
+        dead_retention=t.take("dead_retention", parse_retention, 30 * 86400.0),
         default_provider=t.take("default_provider", _str, ""),
         log_level=t.take("log_level", _choice("debug", "info", "warning", "error"), "info"),
         log_format=t.take("log_format", _choice("text", "json"), "text"),
@@ -492,9 +509,10 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
 
 
 def format_duration(seconds: float) -> str:
+    """The largest whole unit ("7d", "24h": a single day reads better in hours)."""
     for unit, factor in _UNITS.items():
         count = seconds / factor
-        if count >= 1 and abs(count - round(count)) < 1e-9:
+        if count >= (2 if unit == "d" else 1) and abs(count - round(count)) < 1e-9:
             return f"{round(count)}{unit}"
     unit, count = ("s", seconds) if seconds >= 1 else ("ms", seconds * 1000)
     return f"{count:.9f}".rstrip("0").rstrip(".") + unit

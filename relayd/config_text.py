@@ -43,7 +43,7 @@ def _plain(key: str, value: object) -> object:
     if value is None:
         return ""
     if isinstance(value, float):
-        return format_duration(value)
+        return "0" if value == 0 else format_duration(value)  # 0: a retention kept forever
     if isinstance(value, HttpListen):
         host = f"[{value.host}]" if ":" in value.host else value.host
         return f"{host}:{value.port}"
@@ -80,6 +80,8 @@ _STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
         ("http", "127.0.0.1:8787", 'same API plus /metrics and /healthz on TCP; "" disables'),
         ("api_token", "", 'if set, the TCP API requires "Authorization: Bearer <token>"'),
         ("shared_budget", "", '"redis://host:6379/0": one budget for every relayd on a key'),
+        ("retention", "7d", 'an ended job is forgotten this long after it ended; "0": never'),
+        ("dead_retention", "30d", 'a dead delivery and its job are kept this long; "0": forever'),
         ("default_provider", "", 'provider for submissions naming none ("" = the only one)'),
         ("log_level", "info", "debug | info | warning | error"),
         ("log_format", "text", "text | json"),

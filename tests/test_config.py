@@ -40,6 +40,8 @@ socket = "/run/r.sock"
 http = "[::1]:9000"
 api_token = "env:TOKEN"
 shared_budget = "redis://:pw-value-3@redis:6379/0"
+retention = "36h"
+dead_retention = "0"
 default_provider = "main"
 log_level = "debug"
 log_format = "json"
@@ -122,6 +124,7 @@ def test_full_config_parses_every_key() -> None:
     assert s.http == HttpListen("::1", 9000)
     assert s.api_token == Secret("env:TOKEN", "token-value-4")
     assert s.shared_budget == "redis://:pw-value-3@redis:6379/0"
+    assert (s.retention, s.dead_retention) == (36 * 3600.0, 0.0)  # 0: kept forever
     assert (s.default_provider, s.log_level, s.log_format) == ("main", "debug", "json")
     main = config.providers["main"]
     assert main.base_url == "https://app.xosum.am"
@@ -428,6 +431,31 @@ def test_aitronos_base_url_defaults_to_the_documented_root() -> None:
     assert config.providers["main"].base_url == "https://api.aitronos.com"
     data["providers"]["main"]["kind"] = "xosum"
     assert problems_of(data) == ["providers.main.base_url: missing (required)"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("7d", 7 * 86400.0), ("30d", 30 * 86400.0), ("90m", 5400.0), (3600, 3600.0), ("0", 0.0),
+     (0, 0.0), ("0s", 0.0), ("0d", 0.0)],
+)  # fmt: skip
+def test_retention_takes_durations_in_days_and_zero_for_forever(
+    value: object, seconds: float
+) -> None:
+    """retention and dead_retention: a duration (days allowed), or 0 to keep forever."""
+    for key in ("retention", "dead_retention"):
+        config = parse_config(with_key("relayd", key, value), base_dir=BASE, env=ENV)
+        assert getattr(config.settings, key) == seconds
+
+
+def test_retention_defaults_and_bad_values_name_the_key() -> None:
+    """Defaults are 7 and 30 days; a negative or odd value is refused, naming the key."""
+    s = parse_config(minimal(), base_dir=BASE, env=ENV).settings
+    assert (s.retention, s.dead_retention) == (7 * 86400.0, 30 * 86400.0)
+    (problem,) = problems_of(with_key("relayd", "retention", "-1d"))
+    assert problem.startswith("relayd.retention: invalid duration '-1d'")
+    assert problem.endswith("(or 0 to keep forever)")
+    (problem,) = problems_of(with_key("relayd", "dead_retention", "a week"))
+    assert problem.startswith("relayd.dead_retention: invalid duration")
 
 
 def test_unknown_endpoint_name_is_named_with_its_index() -> None:
