@@ -12,6 +12,11 @@ from enum import StrEnum
 from typing import Any
 
 JOB_JSON_BYTES = 400  # Job.as_dict() as JSON, besides its docId, metadata and endpoints
+# A job's polls and a delivery's attempts keep the first few and the latest, however long the
+# job lives; those between are dropped and counted (`Job.polls_dropped`).
+HISTORY_FIRST = 5
+HISTORY_LATEST = 50
+HISTORY_KEPT = HISTORY_FIRST + HISTORY_LATEST
 
 
 class JobState(StrEnum):
@@ -26,6 +31,8 @@ class JobState(StrEnum):
 
 
 FINAL_JOB_STATES = frozenset(JobState) - {JobState.POLLING, JobState.DELIVERING}
+# states whose jobs `retention` deletes (a dead one waits `dead_retention` instead)
+ENDED_JOB_STATES = FINAL_JOB_STATES - {JobState.DEAD}
 
 
 class DeliveryState(StrEnum):
@@ -93,7 +100,8 @@ class Job:
     etag: str | None
     result_status: str | None
     finished_at: float | None
-    updated_at: float
+    updated_at: float  # for a job in a final state: when it got there (retention counts from it)
+    polls_dropped: int = 0  # polls not kept between the first and the latest (bounded history)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +137,7 @@ class Delivery:
     delivered_at: float | None
     provider: str  # the job's, for log lines
     doc_id: str
+    attempts_dropped: int = 0  # attempts not kept between the first and the latest
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -155,3 +164,29 @@ def webhook_id(provider: str, doc_id: str, event: str) -> str:
     """Stable for one job and event, across retries, restarts and endpoints."""
     digest = hashlib.sha256(f"{provider}\0{doc_id}\0{event}".encode()).hexdigest()
     return f"msg_{digest[:32]}"
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What retention removed: jobs, and the rows that went with them."""
+
+    jobs: int = 0
+    polls: int = 0
+    deliveries: int = 0
+    attempts: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(
+            self.jobs + other.jobs,
+            self.polls + other.polls,
+            self.deliveries + other.deliveries,
+            self.attempts + other.attempts,
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "jobs": self.jobs,
+            "polls": self.polls,
+            "deliveries": self.deliveries,
+            "attempts": self.attempts,
+        }

@@ -20,14 +20,23 @@ def totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
 
 
 def job_detail(store: Store, provider: str, doc_id: str) -> dict[str, Any] | None:
-    """The job, its latest polls, and each delivery with its latest attempts."""
+    """The job, its polls, and each delivery with its attempts: the first and the latest of
+    each history, with how many were dropped between them."""
     job = store.get_job(provider, doc_id)
     if job is None:
         return None
     deliveries = []
     for d in store.deliveries_for(job.id):
-        deliveries.append({**d.as_dict(), "history": store.attempts_for(d.id)})
-    return {"job": job.as_dict(), "polls": store.polls_for(job.id), "deliveries": deliveries}
+        history = store.attempts_for(d.id)
+        deliveries.append(
+            {**d.as_dict(), "history": history, "history_dropped": d.attempts_dropped}
+        )
+    return {
+        "job": job.as_dict(),
+        "polls": store.polls_for(job.id),
+        "polls_dropped": job.polls_dropped,  # between the first polls kept and the latest
+        "deliveries": deliveries,
+    }
 
 
 def status_from_store(store: Store, config: Config, now: float) -> dict[str, Any]:
@@ -51,4 +60,9 @@ def status_from_store(store: Store, config: Config, now: float) -> dict[str, Any
             "dead": c.get("dead", 0),
             "delivered": c.get("delivered", 0),
         }
-    return {"providers": providers, "endpoints": endpoints}
+    db_bytes, wal_bytes = store.disk_usage()
+    return {
+        "providers": providers,
+        "endpoints": endpoints,
+        "store": {"bytes": db_bytes + wal_bytes, "wal_bytes": wal_bytes},
+    }

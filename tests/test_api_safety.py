@@ -295,10 +295,11 @@ async def test_job_list_answer_is_bounded_in_bytes(
         assert status == 200 and small["truncated"] is False and len(small["jobs"]) == 5
 
 
-async def test_job_detail_shows_at_most_the_latest_50_attempts(
+async def test_job_detail_shows_the_first_and_the_latest_attempts(
     config_data: dict[str, Any], tmp_path: Path
 ) -> None:
-    """GET /v1/jobs/{p}/{id} lists the latest 50 delivery attempts, oldest of them first."""
+    """A delivery's history is bounded: the first 5 attempts and the latest 50, oldest first,
+    with how many were dropped between them (5 of 60 here)."""
     async with running(make_config(config_data, tmp_path)) as daemon:
         [(job, _)] = daemon.accept([Submission("many", "main")], "api")
         store = daemon.store
@@ -324,8 +325,10 @@ async def test_job_detail_shows_at_most_the_latest_50_attempts(
             )
         status, detail = await api(daemon, "GET", "/v1/jobs/main/many")
     assert status == 200
-    history = detail["deliveries"][0]["history"]
-    assert [a["error"] for a in history] == [f"HTTP 500 #{n}" for n in range(10, 60)]
+    [delivery_detail] = detail["deliveries"]
+    kept = [*range(5), *range(10, 60)]
+    assert [a["error"] for a in delivery_detail["history"]] == [f"HTTP 500 #{n}" for n in kept]
+    assert delivery_detail["history_dropped"] == 5
 
 
 # -- slow and idle clients -------------------------------------------------------------------------

@@ -119,7 +119,9 @@ def test_job_detail_shows_the_job_its_polls_and_each_delivery_with_history(
             },
             {"at": T0 + 8, "status": 200, "error": None, "duration": 0.5, "outcome": "delivered"},
         ],
+        "history_dropped": 0,
     }
+    assert detail["polls_dropped"] == 0
     assert shown_audit["endpoint"] == "audit"
     assert (shown_audit["state"], shown_audit["next_attempt_at"]) == ("pending", T0 + 5)
     assert shown_audit["history"] == []
@@ -149,13 +151,16 @@ def test_status_oldest_waiting_is_none_when_nothing_is_polled(
 ) -> None:
     """A configured provider with no jobs shows empty counts and no oldest age."""
     status = status_from_store(store, config, now=T0)
+    db_bytes, wal_bytes = store.disk_usage()
     assert status == {
         "providers": {"main": {"kind": "xosum", "jobs": {}, "oldest_waiting_seconds": None}},
         "endpoints": {
             "app": {"pending": 0, "dead": 0, "delivered": 0},
             "audit": {"pending": 0, "dead": 0, "delivered": 0},
         },
+        "store": {"bytes": db_bytes + wal_bytes, "wal_bytes": wal_bytes},
     }
+    assert db_bytes > 0
 
 
 def test_status_shows_a_provider_in_the_store_but_not_in_the_config(

@@ -20,6 +20,7 @@ from relayd.models import (
     JobState,
     NewDelivery,
     PollOutcome,
+    Pruned,
     Submission,
 )
 from relayd.store.sqlite import SqliteStore
@@ -100,6 +101,10 @@ class Store(Protocol):
         """A real write, for readiness: raises StoreError when none can be made."""
         ...
 
+    def disk_usage(self) -> tuple[int, int]:
+        """Bytes the store takes on disk: (the database, its write-ahead log)."""
+        ...
+
     # -- budgets across restarts
 
     def save_budgets(self, budgets: dict[str, dict[str, Any]], *, now: float) -> None: ...
@@ -152,6 +157,17 @@ class Store(Protocol):
     def expire_jobs(self, provider: str, submitted_before: float, now: float) -> list[Job]: ...
 
     def cancel(self, job_id: int, *, now: float) -> bool: ...
+
+    # -- retention
+
+    def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
+        """Delete up to `limit` jobs (with their history) that ended before `ended_before`, or
+        died before `dead_before` (None: keep those forever), in one transaction."""
+        ...
+
+    def trim_run_times(self, keep: int) -> int:
+        """Forget all but the latest `keep` run times learned; how many were forgotten."""
+        ...
 
     # -- delivery
 

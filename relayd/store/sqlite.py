@@ -15,7 +15,10 @@ from typing import Any
 
 from relayd.errors import StoreError
 from relayd.models import (
+    ENDED_JOB_STATES,
     FINAL_JOB_STATES,
+    HISTORY_FIRST,
+    HISTORY_KEPT,
     JOB_JSON_BYTES,
     AttemptOutcome,
     Delivery,
@@ -24,6 +27,7 @@ from relayd.models import (
     JobState,
     NewDelivery,
     PollOutcome,
+    Pruned,
     Submission,
     webhook_id,
 )
@@ -36,6 +40,8 @@ from relayd.store.sqlite_schema import (
     delivery_row,
     job_row,
 )
+
+WAL_LIMIT = 16 * 1024 * 1024  # bytes a WAL file is cut back to after a checkpoint
 
 
 class SqliteStore:
@@ -50,7 +56,12 @@ class SqliteStore:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+                # A new file gives freed pages back bit by bit (`relayd vacuum`); it must be
+                # said before WAL mode and the first table. An older file keeps its mode.
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._db.execute("PRAGMA journal_mode=WAL")
+                # after a checkpoint, a WAL that grew (a reader held it back) shrinks to this
+                self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             # big sorts and temp tables stay in memory: on a read-only root filesystem (a
@@ -206,13 +217,14 @@ class SqliteStore:
         """(provider, media kind, media seconds, run seconds) of the latest finished jobs that
         can teach how long jobs take, oldest first."""
         rows = self._db.execute(
-            "SELECT provider, media_kind, media_seconds, ran_for FROM jobs"
-            " WHERE ran_for IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            "SELECT provider, media_kind, media_seconds, ran_for FROM run_times"
+            " ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in reversed(rows)]
 
-    def polls_for(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    def polls_for(self, job_id: int, limit: int = HISTORY_KEPT) -> list[dict[str, Any]]:
+        """The polls kept (the first and the latest; `Job.polls_dropped` between them)."""
         rows = self._db.execute(
             "SELECT at, http_status, outcome, detail FROM polls WHERE job_id=?"
             " ORDER BY id DESC LIMIT ?",
@@ -228,8 +240,9 @@ class SqliteStore:
         )
         return [delivery_row(r) for r in rows]
 
-    def attempts_for(self, delivery_id: int, limit: int = 50) -> list[dict[str, Any]]:
-        """The latest `limit` attempts, oldest first (redeliveries add attempts without end)."""
+    def attempts_for(self, delivery_id: int, limit: int = HISTORY_KEPT) -> list[dict[str, Any]]:
+        """The attempts kept, oldest first: the first and the latest (redeliveries add
+        attempts without end; `Delivery.attempts_dropped` counts those left out)."""
         rows = self._db.execute(
             "SELECT at, status, error, duration, outcome FROM attempts WHERE delivery_id=?"
             " ORDER BY id DESC LIMIT ?",
@@ -263,6 +276,16 @@ class SqliteStore:
         ):
             out.setdefault(endpoint, {})[state] = n
         return out
+
+    def disk_usage(self) -> tuple[int, int]:
+        """Bytes on disk: (the database file, its WAL)."""
+        sizes = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
 
     def probe_write(self, now: float) -> None:
         """A real (unsynced) write: raises StoreError when the disk is full or read-only."""
@@ -379,21 +402,23 @@ class SqliteStore:
                 state = JobState.DELIVERED if succeeded else JobState.FAILED
             db.execute(
                 "UPDATE jobs SET state=?, polls=polls+1, result_status=?, last_status=?,"
-                " result=?, finished_at=?, updated_at=?, ran_for=?, media_kind=?,"
-                " media_seconds=? WHERE id=?",
+                " result=?, finished_at=?, updated_at=? WHERE id=?",
                 (
                     state,
                     result_status,
                     result_status,
-                    json.dumps(result),
+                    json.dumps(result, ensure_ascii=False),
                     now,
                     now,
-                    ran_for,
-                    media_kind,
-                    media_seconds,
                     job_id,
                 ),
             )
+            if ran_for is not None:  # kept apart: it outlives the job (retention)
+                db.execute(
+                    "INSERT INTO run_times (provider, media_kind, media_seconds, ran_for)"
+                    " VALUES (?,?,?,?)",
+                    (job[0], media_kind, media_seconds, ran_for),
+                )
             self._poll_row(db, job_id, now, http_status, PollOutcome.FINISHED, detail)
         return True
 
@@ -449,6 +474,100 @@ class SqliteStore:
             "INSERT INTO polls (job_id, at, http_status, outcome, detail) VALUES (?,?,?,?,?)",
             (job_id, now, http_status, outcome, detail),
         )
+        _trim(db, "polls", "job_id", job_id, "jobs", "polls_dropped")
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
+        """Delete up to `limit` jobs whose time is up, with their polls, deliveries and
+        attempts, in one transaction: ended (delivered, failed, expired, unknown, cancelled)
+        before `ended_before`, dead before `dead_before` (None: keep those forever). A job in
+        a final state got there at its `updated_at`. Not synced: a deletion lost to a power cut
+        is made again."""
+        where: list[str] = []
+        args: list[Any] = []
+        if ended_before is not None:
+            ended = sorted(ENDED_JOB_STATES)
+            where.append(f"(state IN ({','.join('?' * len(ended))}) AND updated_at < ?)")
+            args += [*ended, ended_before]
+        if dead_before is not None:
+            where.append("(state = ? AND updated_at < ?)")
+            args += [JobState.DEAD, dead_before]
+        if not where:
+            return Pruned()
+        with self._write(synced=False) as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT id FROM jobs WHERE {' OR '.join(where)} LIMIT ?", (*args, limit)
+                )
+            ]
+            if not ids:
+                return Pruned()
+            marks = ",".join("?" * len(ids))
+            attempts = db.execute(
+                f"DELETE FROM attempts WHERE delivery_id IN"
+                f" (SELECT id FROM deliveries WHERE job_id IN ({marks}))",
+                ids,
+            ).rowcount
+            deliveries = db.execute(f"DELETE FROM deliveries WHERE job_id IN ({marks})", ids)
+            polls = db.execute(f"DELETE FROM polls WHERE job_id IN ({marks})", ids)
+            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            return Pruned(len(ids), polls.rowcount, deliveries.rowcount, attempts)
+
+    def trim_run_times(self, keep: int) -> int:
+        """Forget all but the latest `keep` run times; how many were forgotten."""
+        with self._write(synced=False) as db:
+            return db.execute(
+                "DELETE FROM run_times WHERE id <="
+                " (SELECT id FROM run_times ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (keep,),
+            ).rowcount
+
+    # -- giving space back (`relayd vacuum`) ----------------------------------------------------
+
+    def free_pages(self) -> tuple[int, int]:
+        """(pages on the free list, bytes a page)."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(free), int(self._db.execute("PRAGMA page_size").fetchone()[0])
+
+    def incremental(self) -> bool:
+        """Whether free pages can be given back bit by bit (auto_vacuum = INCREMENTAL)."""
+        return int(self._db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+
+    def give_back(self, pages: int) -> None:
+        """Return up to `pages` free pages to the file system, in one short transaction (an
+        INCREMENTAL database only; a running daemon waits for it at most that long).
+
+        Through executescript: the pragma frees one page per step, and only sqlite3_exec steps
+        it to the end (execute() would free one page)."""
+        if self._db.in_transaction:
+            raise StoreError("give_back inside a transaction")
+        try:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages)}); COMMIT;"
+            )
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):  # nothing open is fine too
+                self._db.execute("ROLLBACK")
+            raise StoreError(str(exc)) from exc
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and cut it to nothing (waits for readers, up to the
+        busy timeout): what `relayd vacuum` does last, so the file shrinks at once."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    def vacuum(self) -> None:
+        """Rewrite the whole file without its free pages, and make it INCREMENTAL from then on.
+        Holds the database for as long as that takes: only with the daemon stopped."""
+        try:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -497,6 +616,7 @@ class SqliteStore:
                 " VALUES (?,?,?,?,?,?)",
                 (delivery_id, now, status, error, duration, outcome),
             )
+            _trim(db, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
             db.execute(
                 "UPDATE deliveries SET state=?, attempts=attempts+?, last_error=?,"
                 " next_attempt_at=COALESCE(?, next_attempt_at), delivered_at=? WHERE id=?",
@@ -563,8 +683,29 @@ class SqliteStore:
                 " VALUES (?,?,NULL,NULL,0,?)",
                 [(delivery_id, now, AttemptOutcome.REPLAY) for delivery_id, _ in rows],
             )
+            for delivery_id, _ in rows:
+                _trim(db, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
             db.executemany(
                 "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
                 [(JobState.DELIVERING, now, owner) for owner in {owner for _, owner in rows}],
             )
         return len(rows)
+
+
+def _trim(
+    db: sqlite3.Connection, table: str, owner: str, owner_id: int, counted_in: str, counter: str
+) -> None:
+    """Keep the first and the latest rows of one history (a job's polls, a delivery's
+    attempts); drop those between and count them, so one history stays bounded however long
+    its owner lives."""
+    kept = db.execute(f"SELECT COUNT(*) FROM {table} WHERE {owner}=?", (owner_id,)).fetchone()[0]
+    extra = kept - HISTORY_KEPT
+    if extra > 0:
+        db.execute(
+            f"DELETE FROM {table} WHERE id IN"
+            f" (SELECT id FROM {table} WHERE {owner}=? ORDER BY id LIMIT ? OFFSET ?)",
+            (owner_id, extra, HISTORY_FIRST),
+        )
+        db.execute(
+            f"UPDATE {counted_in} SET {counter} = {counter} + ? WHERE id=?", (extra, owner_id)
+        )

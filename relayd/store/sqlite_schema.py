@@ -89,6 +89,24 @@ SCHEMA = [
     """
     CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
     """,
+    # version 5: retention. Run times live apart from the jobs they were learned from (those are
+    # deleted); a job's polls and a delivery's attempts keep the first and the latest, counting
+    # what was dropped between them.
+    """
+    CREATE TABLE run_times (
+        id INTEGER PRIMARY KEY,
+        provider TEXT NOT NULL,
+        media_kind TEXT,
+        media_seconds REAL,
+        ran_for REAL NOT NULL
+    );
+    INSERT INTO run_times (provider, media_kind, media_seconds, ran_for)
+        SELECT provider, media_kind, media_seconds, ran_for FROM jobs
+        WHERE ran_for IS NOT NULL ORDER BY finished_at;
+    DROP INDEX IF EXISTS jobs_by_run;
+    ALTER TABLE jobs ADD COLUMN polls_dropped INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN attempts_dropped INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # Indexes outside the numbered versions: created when missing, on any schema version, so adding
@@ -97,16 +115,20 @@ INDEXES = {
     # expire_jobs runs per provider every 5 s: without it, each run reads every polling job
     # (100 providers x 100,000 jobs: 0.9 s per pass); oldest_polling and job_counts use it too.
     "jobs_by_state_provider": "ON jobs (state, provider, submitted_at)",
+    # retention finds the jobs whose time is up by state and the time they ended
+    "jobs_by_end": "ON jobs (state, updated_at)",
 }
 
 
 JOB_COLUMNS = (
     "id, provider, doc_id, state, metadata, endpoints, source, submitted_at, next_poll_at, "
-    "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at"
+    "polls, errors, not_found, last_status, etag, result_status, finished_at, updated_at, "
+    "polls_dropped"
 )
 DELIVERY_COLUMNS = (
     "d.id, d.job_id, d.endpoint, d.event, d.webhook_id, d.payload, d.state, d.attempts,"
-    " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id"
+    " d.next_attempt_at, d.last_error, d.created_at, d.delivered_at, j.provider, j.doc_id,"
+    " d.attempts_dropped"
 )
 DELIVERY_FROM = "deliveries d JOIN jobs j ON j.id = d.job_id"
 
@@ -130,6 +152,7 @@ def job_row(row: sqlite3.Row) -> Job:
         result_status=row[14],
         finished_at=row[15],
         updated_at=row[16],
+        polls_dropped=row[17],
     )
 
 
@@ -149,4 +172,5 @@ def delivery_row(row: sqlite3.Row) -> Delivery:
         delivered_at=row[11],
         provider=row[12],
         doc_id=row[13],
+        attempts_dropped=row[14],
     )
