@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", nargs="?", default="relayd.toml")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     cmd("check-config", cmd_check_config, "validate and print the effective config")
+    cmd("vacuum", cmd_vacuum, "give the database's free space back to the file system")
     sp = cmd("mock-provider", cmd_mock_provider, "a local fake of the providers' APIs", False)
     sp.add_argument("--port", type=int, default=8900)
     sp.add_argument(
@@ -331,7 +332,37 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, e in info["endpoints"].items()
     ]
     print(table(rows, ["ENDPOINT", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED", ""]))
+    if store := info.get("store"):
+        print()
+        print(_store_line(store))
     return 0
+
+
+VACUUM_STEP = 2048  # pages given back per transaction: a running daemon waits that long at most
+
+
+def _store_line(store: dict[str, Any]) -> str:
+    """The database's size and, from a running daemon, what retention removed."""
+    line = f"database {_bytes(store['bytes'])} (WAL {_bytes(store['wal_bytes'])})"
+    removed = (store.get("retention") or {}).get("removed")
+    if removed is not None:
+        line += (
+            f"; retention removed {removed['jobs']} job(s), {removed['polls']} poll(s),"
+            f" {removed['deliveries']} delivery(ies), {removed['attempts']} attempt(s)"
+            " since start"
+        )
+    return line
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KB", "MB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -348,6 +379,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from relayd.models import HISTORY_FIRST
     from relayd.views import job_detail
 
     store = _open_store(_config(args))
@@ -363,7 +395,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         job = detail["job"]
         print(f"{job['provider']}/{job['docId']}: {job['state']}")
         print(f"  submitted {_when(job['submitted_at'])} via {job['source']}, {job['polls']} polls")
-        for poll in detail["polls"]:
+        for n, poll in enumerate(detail["polls"]):
+            if n == HISTORY_FIRST and detail["polls_dropped"]:
+                print(f"  ... {detail['polls_dropped']} poll(s) not kept ...")
             print(
                 f"  poll {_when(poll['at'])}  {poll['http_status'] or '-'}  {poll['outcome']}"
                 f"  {poll['detail'] or ''}".rstrip()
@@ -373,7 +407,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f"  delivery to {d['endpoint']} ({d['event']}, {d['webhook_id']}): {d['state']}"
                 f", {d['attempts']} attempt(s)"
             )
-            for a in d["history"]:
+            for n, a in enumerate(d["history"]):
+                if n == HISTORY_FIRST and d["history_dropped"]:
+                    print(f"    ... {d['history_dropped']} attempt(s) not kept ...")
                 print(
                     f"    {_when(a['at'])}  {a['status'] or '-'}  {a['outcome']}"
                     f"  {a['error'] or ''}".rstrip()
@@ -464,6 +500,42 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"# {config.path}: OK")
     print(render_effective(config), end="")
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    """Free pages back to the file system. A database relayd created gives them back in short
+    steps, with the daemon running; an older one is rewritten once by a full VACUUM, which needs
+    the daemon stopped (and makes the file give space back step by step from then on)."""
+    from relayd.store import SqliteStore
+
+    config = _config(args)
+    store = _open_store(config, write=True)
+    if not isinstance(store, SqliteStore):
+        raise CliError("vacuum is for the SQLite store")
+    before = sum(store.disk_usage())
+    free, page = store.free_pages()
+    if store.incremental():
+        while free:
+            store.give_back(VACUUM_STEP)
+            left, _ = store.free_pages()
+            if left >= free:  # nothing given back (a reader holds the pages): stop, not spin
+                break
+            free = left
+    else:
+        try:
+            asyncio.run(_api(config, "GET", "/healthz"))
+        except CliError:
+            store.vacuum()
+        else:
+            raise CliError(
+                "this database predates step-by-step vacuum: a full VACUUM rewrites the file and"
+                " holds it meanwhile; stop relayd (systemctl stop relayd), run `relayd vacuum`,"
+                " then start it again"
+            )
+    store.checkpoint()
+    after = sum(store.disk_usage())
+    print(f"database {_bytes(before)} -> {_bytes(after)} ({page}-byte pages)")
     return 0
 
 

@@ -33,6 +33,7 @@ from relayd.metrics import Metrics
 from relayd.models import FINAL_JOB_STATES, IntakeOutcome, Job, JobState, Submission
 from relayd.poller import Poller
 from relayd.providers import build as build_providers
+from relayd.retention import Pruner
 from relayd.sdnotify import Notifier
 from relayd.store import Store, open_store
 from relayd.views import job_detail, status_from_store, totals
@@ -76,6 +77,7 @@ class Daemon:
         self.poller: Poller
         self.deliverer: Deliverer
         self.spool: Spool
+        self.pruner: Pruner
 
     # -- intake (one path for spool and API) ----------------------------------------------------
 
@@ -133,6 +135,12 @@ class Daemon:
             metrics=self.metrics,
             on_finished=self.deliverer.wake,
         )
+        self.pruner = Pruner(
+            store=self.store,
+            settings=lambda: self.config.settings,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
         self._wire_gauges()
         self.spool = Spool(
             settings.spool_dir,
@@ -153,6 +161,7 @@ class Daemon:
                     ("poller", self.poller.run()),
                     ("deliverer", self.deliverer.run()),
                     ("spool", self.spool.run()),
+                    ("retention", self.pruner.run()),
                     ("watchdog", self._watchdog()),
                 ):
                     self._tasks[name] = tg.create_task(coro, name=name)
@@ -202,6 +211,8 @@ class Daemon:
                 log.warning("reload: [relayd] %s changed; restart relayd to apply it", key)
         settings = dataclasses.replace(
             old,
+            retention=new.settings.retention,
+            dead_retention=new.settings.dead_retention,
             default_provider=new.settings.default_provider,
             log_level=new.settings.log_level,
             log_format=new.settings.log_format,
@@ -223,6 +234,7 @@ class Daemon:
         self.draining = True
         self.notifier.notify("STOPPING=1\nSTATUS=draining")
         self.spool.stop()
+        self.pruner.stop()
         self.poller.stop()
         self.deliverer.stop()
         cut = await self.deliverer.drain(self.drain_seconds)
@@ -334,6 +346,7 @@ class Daemon:
 
     def _wire_gauges(self) -> None:
         gauges = self.metrics.gauges
+        gauges.store_bytes = lambda: float(sum(self.store.disk_usage()))
         gauges.jobs = lambda: {**dict.fromkeys(JobState, 0), **totals(self.store.job_counts())}
         gauges.budget_used = self.poller.keys.budget_used
         gauges.budget_limit = lambda: {n: p.rate_limit for n, p in self.config.providers.items()}
@@ -394,6 +407,7 @@ class Daemon:
         info["version"] = __version__
         info["uptime"] = round(self.clock.time() - self.started_at, 3)
         info["intake_error"] = self.spool.error
+        info["store"]["retention"] = self.pruner.status()
         await self.poller.keys.shared_status(info["providers"])
         return info
 

@@ -30,6 +30,7 @@ class _Gauges(Collector):
         self.deliveries_pending: Reading = dict
         self.deliveries_dead: Reading = dict
         self.shared_reachable: Reading = dict
+        self.store_bytes: Callable[[], float] = lambda: 0.0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, help_text, label, read in (
@@ -80,6 +81,14 @@ class _Gauges(Collector):
             for key, value in sorted(values.items()):
                 family.add_metric([key], value)
             yield family
+        store = GaugeMetricFamily(
+            "relayd_store_bytes", "Bytes the database takes on disk, its WAL included."
+        )
+        try:
+            store.add_metric([], self.store_bytes())
+        except Exception as exc:
+            log.warning("metrics: cannot read relayd_store_bytes: %s", exc)
+        yield store
 
 
 class Metrics:
@@ -111,6 +120,12 @@ class Metrics:
             "relayd_intake",
             "Submissions (spool files, API requests) by source and outcome.",
             ["source", "outcome"],
+            registry=r,
+        )
+        self.pruned = Counter(
+            "relayd_pruned",
+            "What retention deleted: jobs, and their polls, deliveries and attempts.",
+            ["what"],
             registry=r,
         )
         self.gauges = _Gauges()

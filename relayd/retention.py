@@ -1,0 +1,131 @@
+"""Retention: a job that ended is deleted `retention` after it ended, a dead delivery and its job
+`dead_retention` after the delivery died, with their polls, deliveries and attempts, so the
+database stops growing under a steady load.
+
+Pruning runs beside the other loops and never holds them up: it deletes in small batches, each
+one transaction sized to take a few milliseconds (the size adapts to what the last one took),
+and lets the event loop run between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from relayd.clock import Clock
+from relayd.config import Settings
+from relayd.errors import StoreError
+from relayd.metrics import Metrics
+from relayd.models import Pruned
+from relayd.store import Store
+
+log = logging.getLogger("relayd.retention")
+
+MAX_PASS_GAP = 60.0  # seconds between two passes at most (a tenth of the shortest retention)
+MIN_PASS_GAP = 0.05  # ... and at least
+BATCH_TARGET = 0.005  # seconds one batch should hold the event loop (20 ms is the ceiling)
+FIRST_BATCH, MIN_BATCH, MAX_BATCH = 64, 1, 2048  # jobs per batch
+KEEP_RUN_TIMES = 4096  # run times learned that outlive their jobs (what RunTimes reads back)
+
+
+def cutoffs(
+    now: float, retention: float, dead_retention: float
+) -> tuple[float | None, float | None]:
+    """(jobs that ended before this go, dead ones before this go); None: kept forever."""
+    return (
+        now - retention if retention > 0 else None,
+        now - dead_retention if dead_retention > 0 else None,
+    )
+
+
+def pass_gap(retention: float, dead_retention: float) -> float:
+    """Seconds between two passes: a tenth of the shortest retention, within bounds, so a job
+    outlives its retention by at most a tenth of it (or a minute)."""
+    shortest = min((r for r in (retention, dead_retention) if r > 0), default=MAX_PASS_GAP * 10)
+    return min(MAX_PASS_GAP, max(MIN_PASS_GAP, shortest / 10))
+
+
+def next_batch(size: int, took: float) -> int:
+    """The next batch size, from how long a batch of `size` took: double while well under the
+    target, halve while over it."""
+    if took > BATCH_TARGET:
+        return max(MIN_BATCH, size // 2)
+    if took < BATCH_TARGET / 2:
+        return min(MAX_BATCH, size * 2)
+    return size
+
+
+class Pruner:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        settings: Callable[[], Settings],  # the current ones: a reload changes retention
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+        self._batch = FIRST_BATCH
+        self._stop = asyncio.Event()
+        self.removed = Pruned()  # since start
+        self.last_pass_at: float | None = None  # wall time of the last pass that removed any
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """A pass, then wait; until stopped. A database that refuses is tried at the next pass."""
+        while not self._stop.is_set():
+            settings = self._settings()
+            try:
+                await self.prune()
+            except StoreError as exc:
+                log.error("retention: cannot prune now: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                gap = pass_gap(settings.retention, settings.dead_retention)
+                await asyncio.wait_for(self._stop.wait(), gap)
+
+    async def prune(self) -> Pruned:
+        """One pass: batch after batch until nothing is due or relayd stops."""
+        settings = self._settings()
+        ended_before, dead_before = cutoffs(
+            self._clock.time(), settings.retention, settings.dead_retention
+        )
+        removed = Pruned()
+        while not self._stop.is_set():
+            started = time.perf_counter()  # real time held: what the event loop feels
+            batch = self._store.prune(
+                ended_before=ended_before, dead_before=dead_before, limit=self._batch
+            )
+            took = time.perf_counter() - started
+            removed += batch
+            asked, self._batch = self._batch, next_batch(self._batch, took)
+            if batch.jobs < asked:
+                break
+            await asyncio.sleep(0)  # the API, the polls and the deliveries go between batches
+        self._store.trim_run_times(KEEP_RUN_TIMES)
+        if removed.jobs:
+            self._count(removed)
+        return removed
+
+    def _count(self, removed: Pruned) -> None:
+        self.removed += removed
+        self.last_pass_at = self._clock.time()
+        for what, n in removed.as_dict().items():
+            self._metrics.pruned.labels(what).inc(n)
+        log.info(
+            "retention removed %d job(s): %d poll(s), %d delivery(ies), %d attempt(s)",
+            removed.jobs,
+            removed.polls,
+            removed.deliveries,
+            removed.attempts,
+        )
+
+    def status(self) -> dict[str, object]:
+        return {"removed": self.removed.as_dict(), "last_removed_at": self.last_pass_at}
