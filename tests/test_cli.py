@@ -119,6 +119,8 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
         assert "cli-1" in out and "cli-slow" in out
         code, out, _ = await arelayd("show", "-c", str(path), "cli-1")
         assert code == 0 and "delivered" in out and "delivery to app" in out
+        code, out, _ = await arelayd("status", "-c", str(path))
+        assert "database " in out and "retention removed 0 job(s)" in out
         code, _, err = await arelayd("submit", "-c", str(path), "bad id")
         assert code == 1 and "invalid job id" in err
     finally:
@@ -139,6 +141,7 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
     assert code == 0 and "cancelled" in out, err
     code, out, _ = await arelayd("status", "-c", str(path))
     assert "NOT RUNNING" in out
+    assert "database " in out and "(WAL " in out  # the size, read off the file
     code, out, _ = await arelayd("jobs", "-c", str(path), "--json")
     by_id = {j["docId"]: j["state"] for j in json.loads(out)}
     assert by_id == {"cli-1": "delivering", "cli-slow": "cancelled"}
@@ -155,3 +158,87 @@ def test_tables_align_text_left_and_numbers_right() -> None:
         "main               7  12.0s",
         "aitronos-eu     1234  -",
     ]
+
+
+def long_history(state_dir: Path) -> None:
+    """A job polled 100 times and 300 ended jobs with 10 KB answers, already pruned."""
+    from relayd.models import PollOutcome, Submission
+    from relayd.store import SqliteStore
+
+    store = SqliteStore(state_dir / "relayd.db")
+    try:
+        [(job, _)] = store.add_jobs([Submission("long-1", "main")], source="api", now=1.0)
+        for n in range(100):
+            store.record_poll(
+                job.id,
+                now=2.0 + n,
+                http_status=200,
+                outcome=PollOutcome.PENDING,
+                detail=f"poll {n}",
+                next_poll_at=3.0 + n,
+                errors=0,
+                not_found=0,
+            )
+        subs = [Submission(f"old-{i}", "main") for i in range(300)]
+        for old, _ in store.add_jobs(subs, source="api", now=1.0):
+            store.finish_job(
+                old.id,
+                now=1.0,
+                result_status="transcribed",
+                result={"transcription": "x" * 10_000},
+                deliveries=[],
+                http_status=200,
+                detail=None,
+            )
+        while store.prune(ended_before=2.0, dead_before=None, limit=100).jobs:
+            pass
+    finally:
+        store.close()
+
+
+async def test_show_marks_the_polls_not_kept_and_vacuum_gives_space_back(tmp_path: Path) -> None:
+    """`show` says where a long history was cut; `vacuum` returns pruned pages to the file
+    system, step by step, with no daemon needed."""
+    path = write_config(tmp_path, config_dict(tmp_path, 1, {"app": 2}))
+    long_history(tmp_path / "state")
+    code, out, err = await arelayd("show", "-c", str(path), "long-1")
+    assert code == 0, err
+    lines = out.splitlines()
+    cut = lines.index("  ... 45 poll(s) not kept ...")
+    assert lines[cut - 1].endswith("poll 4") and lines[cut + 1].endswith("poll 50")
+    assert lines[-1].endswith("poll 99")
+    before = (tmp_path / "state" / "relayd.db").stat().st_size
+    code, out, err = await arelayd("vacuum", "-c", str(path))
+    assert code == 0, err
+    assert out.startswith("database ") and " -> " in out
+    assert (tmp_path / "state" / "relayd.db").stat().st_size < before / 2
+
+
+async def test_vacuum_of_an_older_database_needs_the_daemon_stopped(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver
+) -> None:
+    """A file from before step-by-step vacuum gets one full VACUUM, but not under a running
+    daemon (it would hold the file); afterwards it gives space back step by step."""
+    import sqlite3
+
+    data = config_dict(tmp_path, provider.port, {"app": receiver.port})
+    path = write_config(tmp_path, data)
+    long_history(tmp_path / "state")
+    db = tmp_path / "state" / "relayd.db"
+    raw = sqlite3.connect(db, isolation_level=None)
+    raw.execute("PRAGMA auto_vacuum=NONE")
+    raw.execute("VACUUM")  # as relayd before version 5 made it
+    assert raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    raw.close()
+    from tests.conftest import make_config, running
+
+    async with running(make_config(data, tmp_path)):
+        code, _, err = await arelayd("vacuum", "-c", str(path))
+        assert code == 1 and "stop relayd" in err
+    code, out, err = await arelayd("vacuum", "-c", str(path))
+    assert out.startswith("database ")
+    assert code == 0, err
+    raw = sqlite3.connect(db)
+    assert raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL from now on
+    assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    raw.close()
