@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relayd.errors import StoreError
-from relayd.intake.group import GroupCommit
+from relayd.intake.group import MAX_GROUP, GroupCommit
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
 from tests.conftest import api, config_dict, make_config, running
@@ -39,6 +39,19 @@ async def test_callers_in_one_turn_share_one_commit() -> None:
     assert commit.batches == [[f"{x}{i}" for i in range(5) for x in "ab"]]
     assert results == [[f"A{i}", f"B{i}"] for i in range(5)]
     assert group.commits == 1
+
+
+async def test_a_shared_commit_takes_max_group_items_and_a_large_request_goes_whole() -> None:
+    """Callers that come together beyond MAX_GROUP items share several commits, each request
+    whole in one of them; a single request larger than that is one commit of its own."""
+    commit = Recorder()
+    group = GroupCommit(commit, (StoreError,))
+    requests = [[f"r{i}-{j}" for j in range(100)] for i in range(6)]
+    requests.insert(3, [f"big-{j}" for j in range(MAX_GROUP + 1)])
+    results = await asyncio.gather(*(group.add(r) for r in requests))
+    assert results == [[item.upper() for item in r] for r in requests]
+    assert [len(b) for b in commit.batches] == [200, 100, MAX_GROUP + 1, 200, 100]
+    assert [item for b in commit.batches for item in b] == [i for r in requests for i in r]
 
 
 async def test_a_lone_caller_waits_for_no_one() -> None:

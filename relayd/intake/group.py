@@ -12,6 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 MAX_TURNS = 8  # a bound on the wait for one more request, whatever the load
+# Items one shared transaction takes at most: the commit holds the event loop (about 0.08 ms an
+# item), so requests that came together beyond this go in the next turn. A single larger
+# request still goes in whole, in one transaction of its own.
+MAX_GROUP = 256
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -58,10 +62,18 @@ class GroupCommit(Generic[T, R]):
             self._seen = len(self._waiting)
             loop.call_soon(self._tick, loop)
             return
-        self._flush()
+        self._flush(loop)
 
-    def _flush(self) -> None:
-        batch, self._waiting, self._scheduled = self._waiting, [], False
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
+        size = 0
+        while self._waiting and (not batch or size + len(self._waiting[0][0]) <= MAX_GROUP):
+            batch.append(self._waiting.pop(0))
+            size += len(batch[-1][0])
+        if self._waiting:  # the rest (and whoever comes meanwhile) at the next turn
+            loop.call_soon(self._flush, loop)
+        else:
+            self._scheduled = False
         if len(batch) == 1:
             self._one(*batch[0])
             return
