@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import ipaddress
 import logging
 import os
@@ -482,11 +483,23 @@ async def run(
         if config.path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload(daemon))
             installed.append(signal.SIGHUP)
+    settle = asyncio.create_task(_settle(daemon)) if shutdown_trigger is None else None
     try:
         await daemon.serve(shutdown_trigger)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if settle is not None:
+            settle.cancel()
+
+
+async def _settle(daemon: Daemon) -> None:
+    """Once relayd is up, move what it has built so far (modules, config, the jobs it loaded)
+    out of the garbage collector's reach: a full collection then walks only what came later.
+    Under load one took 35 ms of the event loop, 4 ms after this (benchmarks/README.md, "Soak").
+    """
+    await daemon.ready.wait()
+    gc.freeze()
 
 
 def _reload(daemon: Daemon) -> None:
