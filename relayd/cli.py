@@ -434,20 +434,14 @@ def _act_on_jobs(args: argparse.Namespace, act: Callable[[Any, Any], tuple[bool,
 
 
 def _since(value: str | None) -> float | None:
-    from datetime import datetime
-
-    from relayd.config import parse_duration
+    from relayd.views import parse_since
 
     if value is None:
         return None
     try:
-        return time.time() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise CliError(f"--since {value!r}: expected a duration ('2h') or an ISO time") from None
+        return parse_since(value, time.time())
+    except ValueError as exc:
+        raise CliError(f"--since {exc}") from None
 
 
 def cmd_redeliver(args: argparse.Namespace) -> int:

@@ -39,10 +39,29 @@ class EndpointState:
     in_flight: set[int] = field(default_factory=set)
     failures: int = 0  # consecutive failed attempts
     probe_at: float = 0.0  # wall time; while probing, no attempt before this
+    since: float | None = None  # wall time `condition` last changed; None: not since start
 
     @property
     def probing(self) -> bool:
         return self.failures >= PROBE_AFTER_FAILURES
+
+    @property
+    def condition(self) -> str:
+        """ "up" (the last attempt succeeded, or none failed yet), "failing" (retrying), or
+        "down" (probed with one attempt at a time)."""
+        if self.probing:
+            return "down"
+        return "failing" if self.failures else "up"
+
+    def succeeded(self, now: float) -> None:
+        if self.failures:
+            self.since = now
+        self.failures = 0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.failures in (1, PROBE_AFTER_FAILURES):
+            self.since = now
 
 
 @dataclass(frozen=True)
@@ -193,9 +212,9 @@ class Deliverer:
                 self.metrics.delivery_latency.observe(max(0.0, now - d.created_at))
             if state.probing:
                 log.info("endpoint answers again: draining backlog", extra=ctx)
-            state.failures = 0
+            state.succeeded(now)
             return
-        state.failures += 1
+        state.failed(now)
         if state.probing:
             state.probe_at = now + probe_delay(
                 state.failures - PROBE_AFTER_FAILURES + 1,

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # redis-py is an optional extra: imported only when it is use
 log = logging.getLogger("relayd.keys")
 
 MAX_BLOCK = 3600.0  # seconds: a longer Retry-After (a year-9999 date) is taken as this
+HISTORY_SECONDS = 3600.0  # how far back a key remembers its requests per window
 
 
 def key_id(api_key: str) -> str:
@@ -58,6 +60,31 @@ class Next:
     delay: float | None = None
 
 
+class Requests:
+    """Requests sent on one key per wall-clock window, and how many of them were answered 429,
+    over the last HISTORY_SECONDS: the console's chart. A window with no request is absent."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._windows: deque[list[int]] = deque(maxlen=max(1, math.ceil(HISTORY_SECONDS / window)))
+
+    def sent(self, wall: float, *, limited: bool) -> None:
+        index = math.floor(wall / self.window)
+        if not self._windows or self._windows[-1][0] != index:
+            self._windows.append([index, 0, 0])
+        self._windows[-1][1] += 1
+        self._windows[-1][2] += limited
+
+    def last(self, wall: float) -> list[tuple[float, int, int]]:
+        """(window start, requests, 429s) of each window that began in the last HISTORY_SECONDS
+        and saw a request, oldest first (none after `wall`: the clock may have been set back)."""
+        first, now = (
+            math.floor((wall - HISTORY_SECONDS) / self.window),
+            math.floor(wall / self.window),
+        )
+        return [(i * self.window, n, r) for i, n, r in self._windows if first < i <= now]
+
+
 class Refusal(StrEnum):
     """What a 401/403 did to a key."""
 
@@ -74,6 +101,7 @@ class Key:
         self.budget = budget
         self.providers: list[str] = []
         self.schedule = Schedule()
+        self.requests = Requests(budget.window)
         self.shared: SharedGrants | None = None  # with shared_budget: Redis grants every request
         self.idle_until = 0.0  # monotonic: nothing to do before then unless woken
         self.clock = clock
@@ -426,3 +454,5 @@ class Keys:
 def _resize(key: Key, limit: int, window: float, now: float) -> None:
     if (key.budget.limit, key.budget.window) != (limit, window):
         key.budget = key.budget.resized(limit, window, now)
+    if key.requests.window != window:
+        key.requests = Requests(window)

@@ -4,9 +4,10 @@ them itself when it is stopped."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from relayd.config import Config
+from relayd.config import Config, parse_duration
 from relayd.store import Store
 
 
@@ -19,18 +20,21 @@ def totals(by_name: dict[str, dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def job_detail(store: Store, provider: str, doc_id: str) -> dict[str, Any] | None:
+def job_detail(
+    store: Store, provider: str, doc_id: str, *, payloads: bool = False
+) -> dict[str, Any] | None:
     """The job, its polls, and each delivery with its attempts: the first and the latest of
-    each history, with how many were dropped between them."""
+    each history, with how many were dropped between them; with `payloads`, each body too."""
     job = store.get_job(provider, doc_id)
     if job is None:
         return None
     deliveries = []
     for d in store.deliveries_for(job.id):
         history = store.attempts_for(d.id)
-        deliveries.append(
-            {**d.as_dict(), "history": history, "history_dropped": d.attempts_dropped}
-        )
+        entry = {**d.as_dict(), "history": history, "history_dropped": d.attempts_dropped}
+        if payloads:
+            entry["payload"] = d.payload
+        deliveries.append(entry)
     return {
         "job": job.as_dict(),
         "polls": store.polls_for(job.id),
@@ -66,3 +70,16 @@ def status_from_store(store: Store, config: Config, now: float) -> dict[str, Any
         "endpoints": endpoints,
         "store": {"bytes": db_bytes + wal_bytes, "wal_bytes": wal_bytes},
     }
+
+
+def parse_since(value: str, now: float) -> float:
+    """`--since` and the console's filter: a duration back from now ("2h") or an ISO time;
+    ValueError names what is expected."""
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(f"{value!r}: expected a duration ('2h') or an ISO time") from None

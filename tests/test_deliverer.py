@@ -21,7 +21,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from relayd.clock import SystemClock
-from relayd.delivery import USER_AGENT, Deliverer
+from relayd.delivery import USER_AGENT, Deliverer, EndpointState
 from relayd.metrics import Metrics
 from relayd.mock import receiver as mock_receiver
 from relayd.mock.receiver import Receiver
@@ -441,3 +441,19 @@ async def test_deliverer_an_answer_for_a_delivery_cancelled_during_its_post_chan
     assert rig.history() == []  # record_attempt refused it
     assert [rig.count(o) for o in ("success", "retry", "dead")] == [None, None, None]
     assert not [r for r in caplog.records if r.name == "relayd.delivery"]
+
+
+def test_endpoint_condition_and_since_follow_the_attempts() -> None:
+    """up -> failing at the first failure -> down once probing; since changes only then."""
+    state = EndpointState()
+    assert (state.condition, state.since) == ("up", None)
+    state.failed(10.0)
+    assert (state.condition, state.since) == ("failing", 10.0)
+    state.failed(11.0)
+    assert (state.condition, state.since, state.probing) == ("down", 11.0, True)
+    state.failed(12.0)
+    assert state.since == 11.0
+    state.succeeded(13.0)
+    assert (state.condition, state.since) == ("up", 13.0)
+    state.succeeded(14.0)
+    assert state.since == 13.0

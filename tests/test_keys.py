@@ -11,7 +11,17 @@ import pytest
 
 from relayd.budget import Budget
 from relayd.config import Config, parse_config
-from relayd.keys import MAX_BLOCK, Key, Keys, Next, Refusal, block_seconds, key_id
+from relayd.keys import (
+    HISTORY_SECONDS,
+    MAX_BLOCK,
+    Key,
+    Keys,
+    Next,
+    Refusal,
+    Requests,
+    block_seconds,
+    key_id,
+)
 from relayd.models import JobState, Submission
 from relayd.store.sqlite import SqliteStore
 from tests.conftest import config_dict
@@ -606,3 +616,18 @@ def test_a_key_active_within_the_last_window_is_closed_after_a_crash(tmp_path: P
     assert a is not None
     assert a.budget.blocked_until() == pytest.approx(clock.monotonic() + 10.0)
     store.close()
+
+
+def test_requests_are_counted_per_wall_clock_window_for_an_hour() -> None:
+    requests = Requests(60.0)
+    for at, limited in ((0.0, False), (59.9, True), (60.0, False), (3700.0, False)):
+        requests.sent(at, limited=limited)
+    assert requests.last(120.0) == [(0.0, 2, 1), (60.0, 1, 0)]
+    # the windows that began within the last hour: at 3700, the one from 60 began 3640 s ago
+    assert requests.last(3700.0) == [(3660.0, 1, 0)]
+    assert requests.last(3659.0)[0] == (60.0, 1, 0)
+    assert HISTORY_SECONDS == 3600.0
+    short = Requests(0.25)
+    for i in range(20_000):  # far more windows than an hour holds: memory stays bounded
+        short.sent(i * 0.25, limited=False)
+    assert len(short.last(19_999 * 0.25)) == 14_400  # an hour of 250 ms windows

@@ -705,6 +705,45 @@ def test_redeliver_by_filter_records_each_replay(store: SqliteStore) -> None:
     assert store.redeliver(now=T0 + 90, endpoint="audit", states=("dead",)) == 0
 
 
+def test_jobs_page_pages_newest_first_filters_and_finds_by_id_start(store: SqliteStore) -> None:
+    ids = [add(store, f"page-{i:03d}") for i in range(30)]
+    add(store, "other-1", provider="aitronos")
+    first = store.jobs_page(provider="xosum", limit=10)
+    assert [j.doc_id for j in first] == [f"page-{i:03d}" for i in range(29, 19, -1)]
+    second = store.jobs_page(provider="xosum", before=first[-1].id, limit=10)
+    assert [j.doc_id for j in second] == [f"page-{i:03d}" for i in range(19, 9, -1)]
+    assert [j.doc_id for j in store.jobs_page(q="page-01", limit=50)] == [
+        f"page-{i:03d}" for i in range(19, 9, -1)
+    ]
+    assert [j.doc_id for j in store.jobs_page(q="other-1")] == ["other-1"]
+    assert store.jobs_page(state="dead") == []
+    assert store.jobs_page(before=ids[0]) == []
+    plan = " ".join(
+        str(r[3])
+        for r in store._db.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE doc_id>=? AND doc_id<? ORDER BY id DESC",
+            ("a", "b"),
+        )
+    )
+    assert "jobs_by_doc" in plan or "USING INDEX" in plan, plan
+
+
+def test_dead_deliveries_filter_as_redeliver_does_and_count_them_all(store: SqliteStore) -> None:
+    for i in range(3):
+        job_id = add(store, f"dead-{i}")
+        finish(store, job_id)
+        for d in store.deliveries_for(job_id):
+            assert attempt(store, d.id, "dead", now=T0 + 30 + i)
+    found, total = store.dead_deliveries(limit=2)
+    assert total == 6 and len(found) == 2
+    assert {d.doc_id for d in found} == {"dead-2"}  # the latest to die first
+    app, total = store.dead_deliveries(endpoint="app")
+    assert total == 3 and {d.endpoint for d in app} == {"app"}
+    assert store.dead_deliveries(since=T0 + 11)[1] == 0  # created at T0 + 10
+    assert store.redeliver(now=T0 + 40, endpoint="app", states=("dead",)) == 3
+    assert store.dead_deliveries()[1] == 3
+
+
 def test_a_writable_store_zeroes_only_what_costs_nothing_and_checkpoints_often(
     store: SqliteStore,
 ) -> None:

@@ -59,6 +59,7 @@ class Upstream:
         else:
             slot = await key.acquire()
         code = "error"
+        sent_at = key.clock.time()
         try:
             timeout = aiohttp.ClientTimeout(total=provider.timeout)
             async with self._session.get(
@@ -77,6 +78,7 @@ class Upstream:
             raise Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         finally:
             key.release(slot)
+            key.requests.sent(sent_at, limited=code == "429")
             self._metrics.upstream_requests.labels(provider.name, code).inc()
         if answer.status == 429:
             self._metrics.rate_limited.labels(provider.name).inc()

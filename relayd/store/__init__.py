@@ -81,6 +81,24 @@ class Store(Protocol):
 
     def polls_for(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]: ...
 
+    def jobs_page(
+        self,
+        *,
+        state: str | None = None,
+        provider: str | None = None,
+        q: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """Newest first, older than job id `before`; `q`: a docId or the start of one."""
+        ...
+
+    def dead_deliveries(
+        self, *, endpoint: str | None = None, since: float | None = None, limit: int = 100
+    ) -> tuple[list[Delivery], int]:
+        """(the latest dead deliveries, how many in all), filtered as `redeliver` filters."""
+        ...
+
     def deliveries_for(self, job_id: int) -> list[Delivery]: ...
 
     def attempts_for(self, delivery_id: int, limit: int = 50) -> list[dict[str, Any]]: ...

@@ -216,6 +216,31 @@ class SqliteStore:
             jobs.append(job_row(row))
         return jobs, False
 
+    def jobs_page(
+        self,
+        *,
+        state: str | None = None,
+        provider: str | None = None,
+        q: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """One page of jobs, newest first, for a list too long to load whole: those older than
+        job `before` (an id from the previous page); `q` is a docId or the start of one."""
+        where, args = [], []
+        for clause, value in (("state=?", state), ("provider=?", provider), ("id<?", before)):
+            if value is not None and value != "":
+                where.append(clause)
+                args.append(value)
+        if q:
+            where.append("doc_id>=? AND doc_id<?")
+            args += [q, q + "\U0010ffff"]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
+        )
+        return [job_row(r) for r in rows]
+
     def polling_jobs(self) -> list[tuple[int, str, float]]:
         """(id, provider, next_poll_at) of every job still being polled, for the scheduler."""
         rows = self._db.execute(
@@ -277,6 +302,28 @@ class SqliteStore:
             (JobState.POLLING,),
         )
         return {r[0]: r[1] for r in rows}
+
+    def dead_deliveries(
+        self, *, endpoint: str | None = None, since: float | None = None, limit: int = 100
+    ) -> tuple[list[Delivery], int]:
+        """Dead deliveries, the latest to die first (up to `limit`), and how many there are in
+        all, filtered as `redeliver` filters (endpoint, created at or after `since`)."""
+        where = ["d.state=?"]
+        args: list[Any] = [DeliveryState.DEAD]
+        if endpoint:
+            where.append("d.endpoint=?")
+            args.append(endpoint)
+        if since is not None:
+            where.append("d.created_at>=?")
+            args.append(since)
+        clause = " AND ".join(where)
+        total = self._db.execute(f"SELECT COUNT(*) FROM {DELIVERY_FROM} WHERE {clause}", args)
+        rows = self._db.execute(
+            f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE {clause}"
+            " ORDER BY j.updated_at DESC, d.id DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [delivery_row(r) for r in rows], int(total.fetchone()[0])
 
     def delivery_counts(self) -> dict[str, dict[str, int]]:
         """endpoint -> delivery state -> count."""

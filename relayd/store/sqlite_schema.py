@@ -117,6 +117,9 @@ INDEXES = {
     "jobs_by_state_provider": "ON jobs (state, provider, submitted_at)",
     # retention finds the jobs whose time is up by state and the time they ended
     "jobs_by_end": "ON jobs (state, updated_at)",
+    # the console: a job found by its id, and one state's jobs newest first, a page at a time
+    "jobs_by_doc": "ON jobs (doc_id)",
+    "jobs_by_state_newest": "ON jobs (state, id)",
 }
 
 
