@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -20,12 +21,14 @@ from aiohttp.typedefs import Middleware
 from relayd.errors import IntakeError, StoreError
 from relayd.intake.envelope import MAX_BYTES, Catalog, check_job_id, load_json, parse_json
 from relayd.metrics import CONTENT_TYPE
-from relayd.models import IntakeOutcome, Job, JobState, Submission
+from relayd.models import Delivery, IntakeOutcome, Job, JobState, Submission
 
 log = logging.getLogger("relayd.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no token
+CONSOLE = "/ui"  # the console's pages: it signs its users in itself (relayd.console)
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,32 @@ class Backend(Protocol):
         """The newest jobs first; True if some were left out for size."""
         ...
 
-    def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None: ...
+    def job_detail(
+        self, provider: str, doc_id: str, *, payloads: bool = False
+    ) -> dict[str, Any] | None:
+        """The job with its polls and deliveries (with each body if `payloads`)."""
+        ...
+
+    def jobs_page(
+        self, *, state: str | None, provider: str | None, q: str | None, before: int | None,
+        limit: int,
+    ) -> list[Job]:  # fmt: skip
+        """Newest first, older than job id `before`; `q`: a docId or the start of one."""
+        ...
+
+    def dead_letters(
+        self, *, endpoint: str | None, since: float | None, limit: int
+    ) -> tuple[list[Delivery], int]:
+        """(the latest dead deliveries, how many in all)."""
+        ...
+
+    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+        """Queue the dead deliveries the filters select again; how many."""
+        ...
+
+    def requests_per_window(self) -> dict[str, list[tuple[float, int, int]]]:
+        """key id -> (window start, requests, 429s) over the last hour."""
+        ...
 
     def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         """Queue the job's deliveries again: (the job, how many); None if there is no job."""
@@ -105,12 +133,39 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(500, "internal error (logged)")
 
 
+def cross_site(request: web.Request) -> str | None:
+    """Why a request looks sent by a browser on behalf of another site (None: it does not).
+    Browsers send `Sec-Fetch-Site`, and `Origin` on a POST; a script or curl sends neither."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site in ("cross-site", "same-site"):
+        return f"Sec-Fetch-Site: {fetch_site}"
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    if origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower():
+        return f"Origin {origin} is not this server"
+    return None
+
+
+@web.middleware
+async def same_site_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A page on another site can make a browser POST here (a form, a no-cors fetch), with
+    the browser's cookies; it cannot read the answer. Such a request changes nothing."""
+    if request.method in UNSAFE_METHODS and (why := cross_site(request)):
+        return error(403, f"cross-site request refused ({why})")
+    return await handler(request)
+
+
+def in_console(path: str) -> bool:
+    return path == CONSOLE or path.startswith(CONSOLE + "/")
+
+
 def token_auth(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        if request.path not in OPEN_PATHS and not in_console(request.path):
             # aiohttp keeps a header's non-UTF-8 bytes as surrogates: compare the bytes sent
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
@@ -129,7 +184,7 @@ def make_runner(app: web.Application, limits: ApiLimits) -> web.AppRunner:
 def make_app(
     backend: Backend, *, token: str | None = None, limits: ApiLimits = ApiLimits()
 ) -> web.Application:
-    middlewares: list[Middleware] = [json_errors]
+    middlewares: list[Middleware] = [json_errors, same_site_only]
     if token:
         middlewares.append(token_auth(token))
     app = web.Application(client_max_size=MAX_BYTES, middlewares=middlewares)

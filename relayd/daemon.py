@@ -25,13 +25,22 @@ from relayd import __version__
 from relayd.api import ApiLimits, make_app, make_runner
 from relayd.clock import Clock, SystemClock
 from relayd.config import Config, load_config
+from relayd.console import Guard, Sessions, add_console
 from relayd.delivery import Deliverer
 from relayd.errors import ConfigError, StoreError
 from relayd.intake.envelope import Catalog
 from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
 from relayd.metrics import Metrics
-from relayd.models import FINAL_JOB_STATES, IntakeOutcome, Job, JobState, Submission
+from relayd.models import (
+    FINAL_JOB_STATES,
+    Delivery,
+    DeliveryState,
+    IntakeOutcome,
+    Job,
+    JobState,
+    Submission,
+)
 from relayd.poller import Poller
 from relayd.providers import build as build_providers
 from relayd.retention import Pruner
@@ -62,6 +71,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.drain_seconds = drain_seconds
         self.api_limits = api_limits or ApiLimits()
+        self.sessions = Sessions(clock=self.clock.time)  # console sign-ins, on every listener
         self._watch = watch
         self.ready = asyncio.Event()
         self.draining = False
@@ -266,7 +276,9 @@ class Daemon:
             path = settings.socket
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(path)
-            runner = make_runner(make_app(self, limits=self.api_limits), self.api_limits)
+            app = make_app(self, limits=self.api_limits)
+            add_console(app, self, Guard(None, self.sessions))  # the file mode decides who
+            runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)
             sock = _bind_unix(path)
@@ -275,15 +287,16 @@ class Daemon:
         if settings.http is not None:
             token = settings.api_token.value if settings.api_token else None
             host = settings.http.host
+            warning = None
             if not token and not _loopback(host):
-                log.warning(
-                    "the TCP API listens on %s with no api_token: anyone who can reach port %d "
-                    "can submit, cancel and redeliver jobs; set [relayd] api_token, or listen "
-                    "on 127.0.0.1",
-                    host,
-                    settings.http.port,
+                warning = (
+                    f"The TCP API listens on {host} with no api_token: anyone who can reach port"
+                    f" {settings.http.port} can submit, cancel and redeliver jobs, here and in"
+                    " the API. Set [relayd] api_token, or listen on 127.0.0.1."
                 )
+                log.warning("%s", warning)
             app = make_app(self, token=token, limits=self.api_limits)
+            add_console(app, self, Guard(token, self.sessions), warning=warning)
             runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)
@@ -374,8 +387,33 @@ class Daemon:
             state=state, provider=provider, limit=limit, max_bytes=max_bytes
         )
 
-    def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None:
-        return job_detail(self.store, provider, doc_id)
+    def job_detail(
+        self, provider: str, doc_id: str, *, payloads: bool = False
+    ) -> dict[str, Any] | None:
+        return job_detail(self.store, provider, doc_id, payloads=payloads)
+
+    def jobs_page(
+        self, *, state: str | None, provider: str | None, q: str | None, before: int | None,
+        limit: int,
+    ) -> list[Job]:  # fmt: skip
+        return self.store.jobs_page(state=state, provider=provider, q=q, before=before, limit=limit)
+
+    def dead_letters(
+        self, *, endpoint: str | None, since: float | None, limit: int
+    ) -> tuple[list[Delivery], int]:
+        return self.store.dead_deliveries(endpoint=endpoint, since=since, limit=limit)
+
+    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+        count = self.store.redeliver(
+            now=self.clock.time(), endpoint=endpoint, since=since, states=(DeliveryState.DEAD,)
+        )
+        if count:
+            self.deliverer.wake()
+        return count
+
+    def requests_per_window(self) -> dict[str, list[tuple[float, int, int]]]:
+        wall = self.clock.time()
+        return {key.id: key.requests.last(wall) for key in self.poller.keys}
 
     def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         job = self.store.get_job(provider, doc_id)
@@ -404,6 +442,8 @@ class Daemon:
             state = self.deliverer.endpoints.get(name)
             entry["in_flight"] = len(state.in_flight) if state else 0
             entry["probing"] = bool(state and state.probing)
+            entry["condition"] = state.condition if state else "up"
+            entry["since"] = state.since if state else None
         info["running"] = True
         info["version"] = __version__
         info["uptime"] = round(self.clock.time() - self.started_at, 3)

@@ -19,7 +19,7 @@ from relayd.api import ApiLimits, make_app, make_runner
 from relayd.errors import StoreError
 from relayd.intake.envelope import MAX_BYTES, Catalog
 from relayd.metrics import CONTENT_TYPE
-from relayd.models import FINAL_JOB_STATES, IntakeOutcome, Job, JobState, Submission
+from relayd.models import FINAL_JOB_STATES, Delivery, IntakeOutcome, Job, JobState, Submission
 from tests.scripted import job
 
 TOKEN = "api-test-token"
@@ -93,11 +93,43 @@ class FakeBackend:
         jobs = [j for j in jobs if provider is None or j.provider == provider]
         return jobs[:limit], self.truncated
 
-    def job_detail(self, provider: str, doc_id: str) -> dict[str, Any] | None:
+    def job_detail(
+        self, provider: str, doc_id: str, *, payloads: bool = False
+    ) -> dict[str, Any] | None:
         job = self.jobs.get((provider, doc_id))
         if job is None:
             return None
         return {"job": job.as_dict(), "polls": [{"outcome": "pending"}], "deliveries": []}
+
+    def jobs_page(
+        self,
+        *,
+        state: str | None,
+        provider: str | None,
+        q: str | None,
+        before: int | None,
+        limit: int,
+    ) -> list[Job]:
+        jobs = sorted(self.jobs.values(), key=lambda j: j.id, reverse=True)
+        return [
+            j
+            for j in jobs
+            if (state is None or j.state == state)
+            and (provider is None or j.provider == provider)
+            and (q is None or j.doc_id.startswith(q))
+            and (before is None or j.id < before)
+        ][:limit]
+
+    def dead_letters(
+        self, *, endpoint: str | None, since: float | None, limit: int
+    ) -> tuple[list[Delivery], int]:
+        return [], 0
+
+    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+        return 0
+
+    def requests_per_window(self) -> dict[str, list[tuple[float, int, int]]]:
+        return {}
 
     def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         job = self.jobs.get((provider, doc_id))
