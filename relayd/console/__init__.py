@@ -8,6 +8,7 @@ second rendering path to keep true. Nothing is loaded from anywhere but /ui/stat
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -34,6 +35,7 @@ PAGE_DEAD = 100
 PARTIAL = "X-Relayd-Partial"
 REFRESH_SECONDS = 2  # how often an open page fetches its live part again
 STATIC = resources.files("relayd.console") / "static"
+STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,7 +78,8 @@ class Console:
         if not (path == "/ui" or path.startswith("/ui/")):
             return await handler(request)
         response = await self._checked(request, handler)
-        response.headers.update(HEADERS)
+        for name, value in HEADERS.items():
+            response.headers.setdefault(name, value)  # a static file keeps its Cache-Control
         return response
 
     async def _checked(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -120,13 +123,11 @@ class Console:
         )
 
     async def static(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        types = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
-        kind = next((t for ext, t in types.items() if name.endswith(ext)), None)
-        item = STATIC / name
-        if kind is None or "/" in name or not item.is_file():
+        found = static_file(request.match_info["name"])
+        if found is None:
             return web.Response(status=404, text="not found")
-        response = web.Response(body=item.read_bytes(), content_type=kind)
+        body, kind = found
+        response = web.Response(body=body, content_type=kind)
         response.headers["Cache-Control"] = "max-age=300"
         return response
 
@@ -356,6 +357,16 @@ class Console:
             )
         count = self.backend.redeliver_dead(endpoint=endpoint, since=since)
         return self._render(request, "done.html", title="Redelivered", count=count, back=back)
+
+
+@functools.lru_cache(maxsize=16)  # names asked for are not ours to keep: bounded
+def static_file(name: str) -> tuple[bytes, str] | None:
+    """(the bytes, the content type) of a file in static/, read once; None if there is none."""
+    kind = next((t for ext, t in STATIC_TYPES.items() if name.endswith(ext)), None)
+    item = STATIC / name
+    if kind is None or "/" in name or not item.is_file():
+        return None
+    return item.read_bytes(), kind
 
 
 def see_other(location: str) -> web.Response:
