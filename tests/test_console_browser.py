@@ -175,13 +175,13 @@ async def test_sign_in_see_dead_deliveries_and_redeliver_one(
     await eventually(lambda: relay.store.delivery_counts().get("app", {}).get("dead") == 2)
     receiver.set_default_status(200)
     await sign_in(browser, "/ui/dead")
-    rows = await browser.until("tr[data-doc-id]")
-    assert sorted([await browser.call(r.get_attribute, "data-doc-id") for r in rows]) == [
+    links = await browser.until("a[data-doc-id]")
+    assert sorted([await browser.call(a.get_attribute, "data-doc-id") for a in links]) == [
         "dead-1",
         "dead-2",
     ]
     assert await browser.text("#dead-total") == "2"
-    await browser.click('tr[data-doc-id="dead-1"] a')
+    await browser.click('[data-doc-id="dead-1"]')  # the job's element is its link
     await browser.until("#redeliver")
     assert (await browser.url()).endswith("/ui/jobs/main/dead-1")
     before = len(receiver.received)
@@ -225,10 +225,11 @@ async def test_a_job_submitted_while_the_jobs_page_is_open_appears_without_a_rel
 ) -> None:
     await sign_in(browser, "/ui/jobs")
     await browser.script("window.sameDocument = true")
-    assert await browser.find_all('tr[data-doc-id="late-1"]') == []
+    assert await browser.find_all('[data-doc-id="late-1"]') == []
     provider.add_job("late-1", ready_after=60.0)
     await api(relay, "POST", "/v1/jobs", {"docId": "late-1"})
-    await browser.until('tr[data-doc-id="late-1"]', timeout=10)
+    [late] = await browser.until('[data-doc-id="late-1"]', timeout=10)
+    assert (await browser.call(late.get_attribute, "href")).endswith("/ui/jobs/main/late-1")
     assert await browser.script("return window.sameDocument === true")  # no reload happened
 
 
