@@ -124,7 +124,7 @@ class Daemon:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         config = self.config
         settings = config.settings
-        self.store = open_store(settings.state_dir)
+        self.store = open_store(settings.state_dir, serving=True)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
         )

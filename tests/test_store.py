@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -751,3 +753,73 @@ def test_a_writable_store_zeroes_only_what_costs_nothing_and_checkpoints_often(
     a 1 MB auto-checkpoint (a commit that checkpoints holds the event loop)."""
     assert store._db.execute("PRAGMA secure_delete").fetchone()[0] == 2
     assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 250
+
+
+def group_counts(store: SqliteStore, table: str, by: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for name, state, n in store._db.execute(
+        f"SELECT {by}, state, COUNT(*) FROM {table} GROUP BY {by}, state"
+    ):
+        out.setdefault(name, {})[state] = n
+    return out
+
+
+def test_counts_kept_as_rows_change_agree_with_counting_every_row(store: SqliteStore) -> None:
+    """job_counts and delivery_counts read counters the database keeps as rows change; after
+    submissions, finishes, deliveries, deaths, a cancel, a redelivery and a prune they agree
+    with a count of every row."""
+    ids = [add(store, f"c-{i}", provider="xosum" if i % 2 else "aitronos") for i in range(8)]
+    for job_id in ids[:6]:
+        finish(store, job_id)
+    for d in store.deliveries_for(ids[0]) + store.deliveries_for(ids[1]):
+        assert attempt(store, d.id, "delivered")
+    for d in store.deliveries_for(ids[2]):
+        assert attempt(store, d.id, "dead")
+    assert store.cancel(ids[7], now=T0 + 30)
+    assert store.redeliver(now=T0 + 40, job_id=ids[2]) == 2
+    assert store.prune(ended_before=T0 + 100, dead_before=None, limit=10).jobs == 3
+    assert store.job_counts() == group_counts(store, "jobs", "provider")
+    assert store.delivery_counts() == group_counts(store, "deliveries", "endpoint")
+    assert store.job_counts()["xosum"]["delivering"] >= 1
+
+
+def test_migration_to_version_6_counts_the_rows_already_there(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    for number, script in enumerate(SCHEMA[:5], start=1):
+        raw.executescript(script)
+        raw.execute(f"PRAGMA user_version = {number}")
+    raw.executemany(
+        "INSERT INTO jobs (provider, doc_id, state, source, submitted_at, next_poll_at,"
+        " updated_at) VALUES (?, ?, ?, 'api', 1, 1, 1)",
+        [("xosum", "a", "polling"), ("xosum", "b", "polling"), ("aitronos", "c", "dead")],
+    )
+    raw.close()
+    with closing(SqliteStore(db_path)) as store:
+        assert store.job_counts() == {"xosum": {"polling": 2}, "aitronos": {"dead": 1}}
+        add(store, "d")
+        assert store.job_counts()["xosum"] == {"polling": 3}
+
+
+def test_a_serving_store_checkpoints_in_a_thread_of_its_own_and_stops_it(db_path: Path) -> None:
+    """The daemon's store copies the WAL into the database beside the writer; the WAL stays
+    small under a stream of 40 KB rows, and closing the store ends the thread."""
+    store = SqliteStore(db_path, serving=True)
+    try:
+        assert [t for t in threading.enumerate() if t.name == "relayd-checkpoint"]
+        text = "x" * 40_000
+        for i in range(300):
+            job_id = add(store, f"w-{i}")
+            store.finish_job(
+                job_id,
+                now=T0 + 10,
+                result_status="done",
+                result={"text": text},
+                deliveries=[NewDelivery("app", "transcript_ready", text)],
+                http_status=200,
+                detail=None,
+            )
+        assert db_path.with_name("relayd.db-wal").stat().st_size < 4 * 1024 * 1024
+    finally:
+        store.close()
+    assert not [t for t in threading.enumerate() if t.name == "relayd-checkpoint"]

@@ -225,6 +225,7 @@ class Store(Protocol):
         ...
 
 
-def open_store(state_dir: Path, *, readonly: bool = False) -> Store:
-    """The store the config names (today: SQLite in `state_dir`)."""
-    return SqliteStore(state_dir / DATABASE, readonly=readonly)
+def open_store(state_dir: Path, *, readonly: bool = False, serving: bool = False) -> Store:
+    """The store the config names (today: SQLite in `state_dir`); `serving`: the daemon's,
+    open for long and never to wait on housekeeping."""
+    return SqliteStore(state_dir / DATABASE, readonly=readonly, serving=serving)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -46,13 +47,25 @@ WAL_LIMIT = 16 * 1024 * 1024  # bytes a WAL file is cut back to after a checkpoi
 # the event loop: 1 MB at a time, not SQLite's 4 MB (with 40 KB rows, the longest commit went
 # from 15 ms to 5 ms; benchmarks/README.md, "Soak").
 CHECKPOINT_PAGES = 250
+ASSIST_EVERY = 0.05  # seconds between the serving store's background checkpoints
 
 
 class SqliteStore:
-    """The `Store` in one SQLite file (WAL mode, synchronous commits for what is acknowledged)."""
+    """The `Store` in one SQLite file (WAL mode, synchronous commits for what is acknowledged).
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    `serving=True` (the daemon) adds a checkpoint thread. The commit that crosses
+    CHECKPOINT_PAGES still checkpoints, as SQLite does, because only a checkpoint made between
+    two commits of the writer lets the next one start the WAL over (else it grows without
+    bound). But by then the thread has already copied nearly every page and synced the file,
+    off the event loop (the sqlite3 module releases the GIL while SQLite works), so the
+    commit's part is small. A passive checkpoint never blocks a writer, and a commit whose
+    checkpoint finds the thread at it skips its own.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False, serving: bool = False) -> None:
         self.path = path
+        self._assist: threading.Thread | None = None
+        self._stop_assist = threading.Event()
         try:
             if readonly:
                 uri = path.absolute().as_uri() + "?mode=ro"  # as_uri escapes '#', '?', '%'
@@ -79,19 +92,37 @@ class SqliteStore:
             self._db.execute("PRAGMA temp_store=MEMORY")
             if not readonly:
                 self._migrate()
+            if serving and not readonly:
+                assist = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._assist = threading.Thread(
+                    target=self._checkpoints, args=(assist,), name="relayd-checkpoint"
+                )
+                self._assist.start()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def close(self) -> None:
+        if self._assist is not None:
+            self._stop_assist.set()
+            self._assist.join()
         self._db.close()
+
+    def _checkpoints(self, db: sqlite3.Connection) -> None:
+        """The checkpoint thread: a passive checkpoint every ASSIST_EVERY seconds (one with
+        nothing new to copy costs a lock and a read); a failed one is tried again next time."""
+        try:
+            while not self._stop_assist.wait(ASSIST_EVERY):
+                with suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            db.close()
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(SCHEMA[version:], start=version + 1):
             with self._write():
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in statements(script):
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number}")
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type='index'")
         known = {r[0] for r in rows}
@@ -290,7 +321,7 @@ class SqliteStore:
         """provider -> state -> count."""
         out: dict[str, dict[str, int]] = {}
         for provider, state, n in self._db.execute(
-            "SELECT provider, state, COUNT(*) FROM jobs GROUP BY provider, state"
+            "SELECT provider, state, n FROM job_counts WHERE n > 0"
         ):
             out.setdefault(provider, {})[state] = n
         return out
@@ -329,7 +360,7 @@ class SqliteStore:
         """endpoint -> delivery state -> count."""
         out: dict[str, dict[str, int]] = {}
         for endpoint, state, n in self._db.execute(
-            "SELECT endpoint, state, COUNT(*) FROM deliveries GROUP BY endpoint, state"
+            "SELECT endpoint, state, n FROM delivery_counts WHERE n > 0"
         ):
             out.setdefault(endpoint, {})[state] = n
         return out
@@ -747,6 +778,17 @@ class SqliteStore:
                 [(JobState.DELIVERING, now, owner) for owner in {owner for _, owner in rows}],
             )
         return len(rows)
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a schema script, one at a time (a trigger's body holds semicolons)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def _trim(

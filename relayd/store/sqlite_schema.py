@@ -107,6 +107,52 @@ SCHEMA = [
     ALTER TABLE jobs ADD COLUMN polls_dropped INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE deliveries ADD COLUMN attempts_dropped INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 6: jobs and deliveries counted by state as they change, so status, metrics and
+    # the systemd STATUS line read a few rows, not every job (a GROUP BY over 200,000 jobs took
+    # 60 ms of the event loop every 5 s)
+    """
+    CREATE TABLE job_counts (
+        provider TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (provider, state)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts SELECT provider, state, COUNT(*) FROM jobs GROUP BY provider, state;
+    CREATE TRIGGER job_counted AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts VALUES (NEW.provider, NEW.state, 1)
+            ON CONFLICT (provider, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER job_uncounted AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE provider = OLD.provider AND state = OLD.state;
+    END;
+    CREATE TRIGGER job_recounted AFTER UPDATE OF provider, state ON jobs
+    WHEN OLD.state IS NOT NEW.state OR OLD.provider IS NOT NEW.provider BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE provider = OLD.provider AND state = OLD.state;
+        INSERT INTO job_counts VALUES (NEW.provider, NEW.state, 1)
+            ON CONFLICT (provider, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TABLE delivery_counts (
+        endpoint TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, state)
+    ) WITHOUT ROWID;
+    INSERT INTO delivery_counts
+        SELECT endpoint, state, COUNT(*) FROM deliveries GROUP BY endpoint, state;
+    CREATE TRIGGER delivery_counted AFTER INSERT ON deliveries BEGIN
+        INSERT INTO delivery_counts VALUES (NEW.endpoint, NEW.state, 1)
+            ON CONFLICT (endpoint, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER delivery_uncounted AFTER DELETE ON deliveries BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE endpoint = OLD.endpoint AND state = OLD.state;
+    END;
+    CREATE TRIGGER delivery_recounted AFTER UPDATE OF endpoint, state ON deliveries
+    WHEN OLD.state IS NOT NEW.state OR OLD.endpoint IS NOT NEW.endpoint BEGIN
+        UPDATE delivery_counts SET n = n - 1 WHERE endpoint = OLD.endpoint AND state = OLD.state;
+        INSERT INTO delivery_counts VALUES (NEW.endpoint, NEW.state, 1)
+            ON CONFLICT (endpoint, state) DO UPDATE SET n = n + 1;
+    END;
+    """,
 ]
 
 # Indexes outside the numbered versions: created when missing, on any schema version, so adding
