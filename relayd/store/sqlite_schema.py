@@ -166,6 +166,9 @@ INDEXES = {
     # the console: a job found by its id, and one state's jobs newest first, a page at a time
     "jobs_by_doc": "ON jobs (doc_id)",
     "jobs_by_state_newest": "ON jobs (state, id)",
+    # the console's dead letters (and `redeliver --state dead --since`): without it, 245 ms
+    # to list the 1,000 dead among 91,000 deliveries
+    "deliveries_by_state": "ON deliveries (state, created_at)",
 }
 
 
