@@ -124,7 +124,8 @@ class Daemon:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         config = self.config
         settings = config.settings
-        self.store = open_store(settings.state_dir)
+        # PostgreSQL: refused (StoreError; `relayd run` exits 1) while another relayd holds it
+        self.store = open_store(settings, sole=True)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
         )
@@ -217,7 +218,8 @@ class Daemon:
         Listening addresses and directories stay as they are until a restart (logged).
         """
         old = self.config.settings
-        for key in ("state_dir", "spool_dir", "socket", "http", "api_token", "shared_budget"):
+        restart = ("state_dir", "spool_dir", "socket", "http", "api_token", "shared_budget")
+        for key in (*restart, "store", "store_lease"):
             if getattr(old, key) != getattr(new.settings, key):
                 log.warning("reload: [relayd] %s changed; restart relayd to apply it", key)
         settings = dataclasses.replace(
