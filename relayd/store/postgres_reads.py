@@ -48,7 +48,7 @@ class PostgresReads:
         max_bytes: int | None = None,
     ) -> tuple[list[Job], bool]:
         """As SQLite's: the newest first, as many (at least one) as fit in about `max_bytes` of
-        JSON. The server counts the sizes, and sends the jobs that fit and the first that does
+        JSON. The server counts the sizes and sends the jobs that fit and the first that does
         not (so the cut is known), never the rest: a cut-off list holds one row more than it
         returns, whatever the metadata (up to 1 MiB a job)."""
         where, args = [], []
@@ -63,12 +63,16 @@ class PostgresReads:
         if max_bytes is None:
             rows = self._link.read(newest, (*args, limit))
         else:
+            # `before`: the size of the newer jobs. The first two always come (the first is
+            # kept whatever its size; the second shows whether it was cut), then those whose
+            # newer jobs fit: the jobs that fit and the first that does not.
             size = "%s + length(doc_id) + coalesce(length(metadata), 0)"
             size += " + coalesce(length(endpoints), 0)"
+            window = "OVER (ORDER BY id DESC)"
             rows = self._link.read(
-                f"SELECT {JOB_COLUMNS} FROM (SELECT *, sum(size) OVER (ORDER BY id DESC) - size"
-                f" AS before FROM (SELECT *, {size} AS size FROM ({newest}) n) s) t"
-                " WHERE before <= %s ORDER BY id DESC",
+                f"SELECT {JOB_COLUMNS} FROM (SELECT *, sum(size) {window} - size AS before,"
+                f" row_number() {window} AS n FROM (SELECT *, {size} AS size FROM ({newest}) j)"
+                " s) t WHERE n <= 2 OR before <= %s ORDER BY id DESC",
                 (JOB_JSON_BYTES, *args, limit, max_bytes),
             )
         jobs: list[Job] = []
