@@ -262,8 +262,12 @@ class Daemon:
             self.poller.keys.save(self.store)
         except StoreError as exc:
             log.error("cannot save budgets (the next start waits one window): %s", exc)
-        in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
-        pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
+        try:
+            in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
+            pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
+        except StoreError as exc:  # a database server that went away must not stop the stop
+            log.error("shutting down: cannot count what is left: %s", exc)
+            return
         log.info(
             "shutting down: %d job(s) still polling, %d delivery(ies) pending, %d POST(s) cut off",
             in_flight,

@@ -22,9 +22,10 @@ from relayd.daemon import Daemon
 from relayd.errors import StoreError
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.store.postgres import PostgresStore
 from relayd.store.postgres_conn import IN_USE
 from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
-from tests.pg import PASSWORD
+from tests.pg import PASSWORD, PgCluster
 
 
 def pg_config(tmp_path: Path, provider: int, receiver: int, url: str) -> dict[str, Any]:
@@ -151,3 +152,43 @@ async def test_the_cli_on_an_unreachable_store_says_so_without_the_password(
     code, out, err = await relayd("jobs", "-c", str(path))
     assert code == 1 and "cannot connect to PostgreSQL at relayd@127.0.0.1:1/nothing" in err
     assert PASSWORD not in out + err
+
+
+async def test_the_daemon_rides_out_a_postgresql_outage(
+    tmp_path: Path,
+    provider: mock_provider.MockProvider,
+    receiver: Receiver,
+    pg_url: str,
+    pg_cluster: PgCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server stops under a running daemon: it stays up, says it is not ready, answers 503
+    to submissions (nothing acknowledged that is not stored); the server comes back and the
+    daemon goes on by itself; stopped again, the daemon still shuts down cleanly."""
+    caplog.set_level(logging.INFO, logger="relayd")
+    config = make_config(pg_config(tmp_path, provider.port, receiver.port, pg_url), tmp_path)
+    try:
+        async with running(config) as daemon:
+            assert isinstance(daemon.store, PostgresStore)
+            daemon.store._link.reconnect_pause = 0.2
+            pg_cluster.stop()
+            status, body = await api(daemon, "POST", "/v1/jobs", [{"docId": "out-1"}])
+            assert status == 503 and PASSWORD not in json.dumps(body), body
+            status, body = await api(daemon, "GET", "/readyz")
+            assert status == 503 and "the database refuses writes" in json.dumps(body)
+            assert (await api(daemon, "GET", "/healthz"))[0] == 200
+            pg_cluster.start()
+            provider.add_job("out-1", ready_after=0.2)
+            for _ in range(100):
+                status, body = await api(daemon, "POST", "/v1/jobs", [{"docId": "out-1"}])
+                if status == 202:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 202, body
+            [got] = await receiver.wait_for(1)
+            assert got.json()["docId"] == "out-1"
+            pg_cluster.stop()  # and the daemon stops without it
+    finally:
+        pg_cluster.start()  # for the tests after this one
+    assert "shutting down: cannot count what is left" in caplog.text
+    assert "relayd stopped" in caplog.text and PASSWORD not in caplog.text

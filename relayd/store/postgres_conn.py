@@ -126,8 +126,9 @@ class Link:
             self._conn = None
 
     def safe(self, exc: BaseException) -> str:
-        """An error's text as a StoreError may carry it: the password masked."""
-        return mask(str(exc).strip(), self._url)
+        """An error's text as a StoreError may carry it: on one line (libpq adds hints on
+        lines of their own; a log line is one event), the password masked."""
+        return " ".join(mask(str(exc), self._url).split())
 
     def connection(self) -> psycopg.Connection[TupleRow]:
         """The open connection, or a new one; StoreError when none can be had now."""
