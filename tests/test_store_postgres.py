@@ -225,3 +225,24 @@ def test_only_one_daemon_holds_a_store(pg_cluster: PgCluster, pg_url: str) -> No
     finally:
         first.close()
     PostgresStore(pg_url, sole=True).close()
+
+
+def test_the_time_bounds_are_defaults_the_url_may_change(pg_url: str) -> None:
+    """relayd's session sets a 5 s statement and lock timeout; an operator's value in the URL
+    (libpq `options`) wins over it."""
+
+    def setting(store: PostgresStore, name: str) -> str:
+        [(value,)] = store._link.read(f"SHOW {name}")
+        return str(value)
+
+    store = PostgresStore(pg_url)
+    try:
+        assert (setting(store, "statement_timeout"), setting(store, "lock_timeout")) == ("5s", "5s")
+        assert setting(store, "default_transaction_read_only") == "off"
+    finally:
+        store.close()
+    store = PostgresStore(pg_url + "?options=-c%20statement_timeout%3D7000&connect_timeout=9")
+    try:
+        assert setting(store, "statement_timeout") == "7s"
+    finally:
+        store.close()

@@ -4,7 +4,8 @@ and how it comes back after the server went away. psycopg is imported here and i
 only, so relayd without the `postgres` extra still imports.
 
 The store is called on the event loop, as SQLite's is, so a call that hangs stops relayd (and
-systemd's watchdog, WatchdogSec=30s, kills it). What bounds a call:
+systemd's watchdog, WatchdogSec=30s, kills it). What bounds a call (each a default the URL may
+override, e.g. `?connect_timeout=10&options=-c%20statement_timeout%3D20000`):
 - `connect_timeout` 3 s: a server that does not answer a connection;
 - `statement_timeout` and `lock_timeout` 5 s (SQLite's busy timeout is 5 s too): a query or a
   lock wait that takes too long; only `vacuum` lifts it;
@@ -14,7 +15,8 @@ systemd's watchdog, WatchdogSec=30s, kills it). What bounds a call:
 - after a connect fails, calls fail at once for `RECONNECT_PAUSE` (5 s) instead of each waiting
   out the connect timeout: the event loop is held at most 3 s in every 8 while the server is away.
 A stopped server (its socket closed) fails a call at once. A call on a broken connection raises
-`StoreError`; the next call after the pause opens a new connection.
+`StoreError`; the next call opens a new connection (after a failed connect, once the pause is
+over).
 """
 
 from __future__ import annotations
@@ -107,11 +109,14 @@ class Link:
     def __init__(self, url: str, *, readonly: bool = False, sole: bool = False) -> None:
         self._url = url
         self.where = describe(url)
+        # relayd's bounds, unless the URL says otherwise: an operator's value wins (a later
+        # `-c` in options overrides an earlier one)
         params = conninfo_of(url)
-        options = [params.get("options", "")]
+        client = {name: value for name, value in CLIENT.items() if name not in params}
         settings = dict(SESSION, default_transaction_read_only="on" if readonly else "off")
-        options += [f"-c {name}={value}" for name, value in settings.items()]
-        self._conninfo = make_conninfo(url, **CLIENT, options=" ".join(filter(None, options)))
+        options = [f"-c {name}={value}" for name, value in settings.items()]
+        options.append(params.get("options", ""))
+        self._conninfo = make_conninfo(url, **client, options=" ".join(filter(None, options)))
         self._sole = sole
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._retry_at = 0.0
