@@ -17,7 +17,7 @@ from relayd.models import Submission
 from relayd.store.postgres import PostgresStore
 from relayd.store.postgres_conn import IN_USE
 from relayd.store.postgres_schema import SCHEMA, TABLES
-from tests.pg import PASSWORD, PgCluster
+from tests.pg import PASSWORD, SUPERUSER, PgCluster
 from tests.test_store import T0, add
 
 SERVER_GONE = 2.0  # seconds a call may take to fail once the server is stopped
@@ -246,3 +246,31 @@ def test_the_time_bounds_are_defaults_the_url_may_change(pg_url: str) -> None:
         assert setting(store, "statement_timeout") == "7s"
     finally:
         store.close()
+
+
+def test_a_role_without_create_rights_uses_a_store_set_up_before(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """Where a DBA set the schema up (or relayd did, as its owner) and relayd runs as a role
+    that may only read and write rows, it starts and works: an up-to-date schema asks for no
+    CREATE right."""
+    PostgresStore(pg_url).close()  # the owner sets it up
+    role = f"relayd_rows_{threading.get_native_id()}"
+    database = pg_url.rsplit("/", 1)[1]
+    pg_cluster.admin(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}".encode())
+            rights = "SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public"
+            conn.execute(f"GRANT {rights} TO {role}".encode())
+        url = pg_url.replace(f"//{SUPERUSER}:", f"//{role}:", 1)
+        store = PostgresStore(url)
+        try:
+            job_id = add(store)
+            assert store.job_by_id(job_id) is not None
+            assert store.prune(ended_before=T0 + 1, dead_before=None, limit=10).jobs == 0
+        finally:
+            store.close()
+    finally:
+        pg_cluster.admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        pg_cluster.admin(f"DROP ROLE {role}")

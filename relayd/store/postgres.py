@@ -81,8 +81,12 @@ class PostgresStore(PostgresReads):
         relays starting together wait for the first, which does it, and then find it done."""
         with self._link.write() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_SPACE, MIGRATE_LOCK))
-            cur.execute(VERSION_TABLE)
-            row = cur.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+            row = cur.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+            if row and row[0]:  # asked first: once made, relayd needs no CREATE right to start
+                row = cur.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+            else:
+                cur.execute(VERSION_TABLE)
+                row = (0,)
             version = int(row[0]) if row else 0
             for number, script in enumerate(SCHEMA[version:], start=version + 1):
                 cur.execute(script)
