@@ -228,8 +228,8 @@ def test_only_one_daemon_holds_a_store(pg_cluster: PgCluster, pg_url: str) -> No
 
 
 def test_the_time_bounds_are_defaults_the_url_may_change(pg_url: str) -> None:
-    """relayd's session sets a 5 s statement and lock timeout; an operator's value in the URL
-    (libpq `options`) wins over it."""
+    """relayd's session sets a 5 s statement and lock timeout (VACUUM lifts it for itself
+    only); an operator's value in the URL (libpq `options`) wins over it."""
 
     def setting(store: PostgresStore, name: str) -> str:
         [(value,)] = store._link.read(f"SHOW {name}")
@@ -239,6 +239,8 @@ def test_the_time_bounds_are_defaults_the_url_may_change(pg_url: str) -> None:
     try:
         assert (setting(store, "statement_timeout"), setting(store, "lock_timeout")) == ("5s", "5s")
         assert setting(store, "default_transaction_read_only") == "off"
+        store.vacuum()  # lifts the statement timeout for itself only
+        assert setting(store, "statement_timeout") == "5s"
     finally:
         store.close()
     store = PostgresStore(pg_url + "?options=-c%20statement_timeout%3D7000&connect_timeout=9")
