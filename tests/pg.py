@@ -50,6 +50,16 @@ def bindir() -> Path | None:
     return None
 
 
+def server_binaries() -> Path:
+    """initdb's directory; without one the test is skipped on a laptop, and fails in CI."""
+    binaries = bindir()
+    if binaries is None:
+        if os.environ.get("CI"):
+            pytest.fail(MISSING + "; CI must run the PostgreSQL store tests", pytrace=False)
+        pytest.skip(MISSING)
+    return binaries
+
+
 class PgCluster:
     """A PostgreSQL server as a child process, on 127.0.0.1:`port`."""
 
@@ -169,11 +179,7 @@ def _user() -> str | None:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """The session's PostgreSQL. A test that stops it must start it again before it ends."""
-    binaries = bindir()
-    if binaries is None:
-        if os.environ.get("CI"):
-            pytest.fail(MISSING + "; CI must run the PostgreSQL store tests", pytrace=False)
-        pytest.skip(MISSING)
+    binaries = server_binaries()
     pytest.importorskip("psycopg", reason="psycopg, the postgres extra, is not installed")
     # not under pytest's tmp_path: that is root's, mode 0700, where the server's user cannot go;
     # a short path too, as a unix socket's must be

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from relayd.config import parse_config
 from relayd.config_text import render_effective
-from tests.test_config import BASE, ENV, minimal, problems_of, with_key
+from tests.test_config import BASE, ENV, ROOT, minimal, problems_of, with_key
 
 PASSWORD = "s3cret-pw-81"
+# libpq reads the URL: without psycopg (the postgres extra) a store URL is refused as such
+needs_psycopg = pytest.mark.skipif(
+    importlib.util.find_spec("psycopg") is None, reason="psycopg, the postgres extra, is not here"
+)
 
 
 def test_the_defaults_keep_jobs_in_sqlite_with_a_30s_lease() -> None:
@@ -25,6 +32,7 @@ def test_the_defaults_keep_jobs_in_sqlite_with_a_30s_lease() -> None:
     assert s.store_lease == 45.0
 
 
+@needs_psycopg
 @pytest.mark.parametrize(
     "url",
     [
@@ -41,6 +49,7 @@ def test_a_postgresql_url_is_a_store(url: str) -> None:
     )
 
 
+@needs_psycopg
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
@@ -80,6 +89,7 @@ def test_a_store_without_psycopg_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
+@needs_psycopg
 def test_a_password_in_the_url_is_warned_about_not_shown(caplog: pytest.LogCaptureFixture) -> None:
     """A password written in the config works, with a warning that says where else to keep it."""
     url = f"postgresql://relayd:{PASSWORD}@db/relayd"
@@ -89,6 +99,7 @@ def test_a_password_in_the_url_is_warned_about_not_shown(caplog: pytest.LogCaptu
     assert PASSWORD not in caplog.text
 
 
+@needs_psycopg
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -116,8 +127,36 @@ def test_check_config_masks_the_password(url: str, shown: str) -> None:
     assert (rendered["store"], rendered["store_lease"]) == (shown, "30s")
 
 
+@needs_psycopg
 def test_the_settings_repr_leaves_the_store_url_out() -> None:
     """A Settings logged or shown in a traceback does not carry the URL's password."""
     url = f"postgresql://relayd:{PASSWORD}@db/relayd"
     config = parse_config(with_key("relayd", "store", url), base_dir=BASE, env=ENV)
     assert PASSWORD not in repr(config)
+
+
+def test_relayd_without_the_postgres_extra_imports_and_runs_on_sqlite(tmp_path: Path) -> None:
+    """psycopg is imported only by the PostgreSQL store: with it missing, relayd imports, reads
+    a config without `store` and opens its SQLite store."""
+    script = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from pathlib import Path\n"
+        "import relayd.cli, relayd.daemon\n"
+        "from relayd.config import parse_config\n"
+        "from relayd.store import SqliteStore, open_store\n"
+        "data = {'relayd': {'state_dir': sys.argv[1]}, 'providers': {'main': {'kind': 'xosum',"
+        " 'base_url': 'https://x.example', 'api_key': 'k', 'endpoints': ['app']}},"
+        " 'endpoints': {'app': {'url': 'http://127.0.0.1:9/'}}}\n"
+        "config = parse_config(data, base_dir=Path('.'))\n"
+        "store = open_store(config.settings)\n"
+        "assert isinstance(store, SqliteStore)\n"
+        "store.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr

@@ -22,10 +22,12 @@ from relayd.daemon import Daemon
 from relayd.errors import StoreError
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
-from relayd.store.postgres import PostgresStore
-from relayd.store.postgres_conn import IN_USE
 from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
 from tests.pg import PASSWORD, PgCluster
+
+pytest.importorskip("psycopg", reason="psycopg, the postgres extra, is not installed")
+from relayd.store.postgres import PostgresStore
+from relayd.store.postgres_conn import IN_USE
 
 
 def pg_config(tmp_path: Path, provider: int, receiver: int, url: str) -> dict[str, Any]:

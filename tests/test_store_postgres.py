@@ -9,16 +9,20 @@ import threading
 import time
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from relayd.errors import StoreError
 from relayd.models import Submission
+from tests import pg
+from tests.pg import PASSWORD, SUPERUSER, PgCluster
+from tests.test_store import T0, add
+
+pytest.importorskip("psycopg", reason="psycopg, the postgres extra, is not installed")
+import psycopg
+
 from relayd.store.postgres import PostgresStore
 from relayd.store.postgres_conn import IN_USE
 from relayd.store.postgres_schema import SCHEMA, TABLES
-from tests.pg import PASSWORD, SUPERUSER, PgCluster
-from tests.test_store import T0, add
 
 SERVER_GONE = 2.0  # seconds a call may take to fail once the server is stopped
 
@@ -26,6 +30,18 @@ SERVER_GONE = 2.0  # seconds a call may take to fail once the server is stopped
 def query(url: str, sql: str) -> list[tuple[object, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute(sql.encode()).fetchall()
+
+
+def test_without_the_server_a_laptop_skips_and_ci_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No initdb anywhere: the PostgreSQL tests skip, saying what to install; with CI set they
+    fail instead, so CI cannot pass without having run them."""
+    monkeypatch.setattr(pg, "bindir", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        pg.server_binaries()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the PostgreSQL store tests"):
+        pg.server_binaries()
 
 
 @pytest.fixture
