@@ -115,10 +115,10 @@ def _open_store(config: Any, *, write: bool = False) -> Any:
     from relayd.store import DATABASE, open_store
 
     path = config.settings.state_dir / DATABASE
-    if not path.exists():
+    if not config.settings.store and not path.exists():
         raise CliError(f"no database at {path} (has relayd run with this config?)")
     try:
-        return open_store(config.settings.state_dir, readonly=not write)
+        return open_store(config.settings, readonly=not write)
     except StoreError as exc:
         raise CliError(str(exc)) from None
 
@@ -500,13 +500,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_vacuum(args: argparse.Namespace) -> int:
     """Free pages back to the file system. A database relayd created gives them back in short
     steps, with the daemon running; an older one is rewritten once by a full VACUUM, which needs
-    the daemon stopped (and makes the file give space back step by step from then on)."""
+    the daemon stopped (and makes the file give space back step by step from then on).
+    PostgreSQL: a plain VACUUM of relayd's tables, which its autovacuum does by itself anyway
+    and which holds nothing relayd needs: with the daemon running."""
+    from relayd.errors import StoreError
     from relayd.store import SqliteStore
 
     config = _config(args)
     store = _open_store(config, write=True)
     if not isinstance(store, SqliteStore):
-        raise CliError("vacuum is for the SQLite store")
+        try:
+            before = sum(store.disk_usage())
+            store.vacuum()
+            after = sum(store.disk_usage())
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            store.close()
+        print(f"PostgreSQL tables {_bytes(before)} -> {_bytes(after)} (autovacuum does this too)")
+        return 0
     before = sum(store.disk_usage())
     free, page = store.free_pages()
     if store.incremental():

@@ -96,8 +96,10 @@ class Settings:
     http: HttpListen | None
     api_token: Secret | None
     shared_budget: str
+    store: str = field(repr=False)  # "": SQLite in state_dir; else a PostgreSQL URL (a password?)
     retention: float  # seconds an ended job is kept; 0: forever
     dead_retention: float  # seconds a dead delivery (and its job) is kept; 0: forever
+    store_lease: float  # with a shared store: how soon others take over a dead instance's work
     default_provider: str
     log_level: str
     log_format: str
@@ -241,6 +243,26 @@ def _budget_url(value: object) -> str:
         raise ValueError('expected "", redis://host:port/db, rediss://… or unix:///path')
     if importlib.util.find_spec("redis") is None:
         raise ValueError("needs redis-py, the optional extra: pip install 'relayd[redis]'")
+    return text
+
+
+def _store_url(value: object) -> str:
+    """ "" (SQLite in state_dir) or a PostgreSQL URL libpq reads; the problem never quotes the
+    URL, which may hold a password."""
+    text = _str(value)
+    if not text:
+        return text
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError('expected "" (SQLite in state_dir) or a postgresql:// URL')
+    if importlib.util.find_spec("psycopg") is None:
+        raise ValueError("needs psycopg, the optional extra: pip install 'relayd[postgres]'")
+    from relayd.store.postgres import conninfo_of  # psycopg is imported there only
+
+    if conninfo_of(text).get("password"):
+        log.warning(
+            "relayd.store: the URL holds a password; prefer a passfile (passfile=/path in the"
+            " URL, or PGPASSFILE) or PGPASSWORD in the service's environment"
+        )
     return text
 
 
@@ -390,8 +412,10 @@ def _settings(p: _Parser, data: object) -> Settings:
         http=t.take("http", _listen, _DEFAULT_HTTP),
         api_token=t.secret("api_token"),
         shared_budget=t.take("shared_budget", _budget_url, ""),
+        store=t.take("store", _store_url, ""),
         retention=t.take("retention", parse_retention, 7 * 86400.0),
         dead_retention=t.take("dead_retention", parse_retention, 30 * 86400.0),
+        store_lease=t.take("store_lease", parse_duration, 30.0),
         default_provider=t.take("default_provider", _str, ""),
         log_level=t.take("log_level", _choice("debug", "info", "warning", "error"), "info"),
         log_format=t.take("log_format", _choice("text", "json"), "text"),

@@ -4,7 +4,7 @@ value, secrets masked) and the commented starter `relayd init` writes."""
 from __future__ import annotations
 
 from dataclasses import fields
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -23,11 +23,22 @@ from relayd.config import (
 
 
 def _mask_url(url: str) -> str:
+    """The URL with its password masked, in the user part or in libpq's `password=` parameter;
+    the rest as written (a round trip through urlunsplit would drop the `//` of
+    `postgresql:///db?host=/run/postgresql`)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{MASK}@{host}"))
+    masked = url
+    if parts.password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        masked = masked.replace(f"//{parts.netloc}", f"//{user}:{MASK}@{host}", 1)
+    if parts.query:
+        params = [
+            f"password={MASK}" if param.partition("=")[0] == "password" else param
+            for param in parts.query.split("&")
+        ]
+        masked = masked.replace(f"?{parts.query}", "?" + "&".join(params), 1)
+    return masked
 
 
 def _masked(secrets: tuple[Secret, ...]) -> str:
@@ -49,7 +60,7 @@ def _plain(key: str, value: object) -> object:
         return f"{host}:{value.port}"
     if isinstance(value, tuple):
         return _masked(value) if key == "signing_secret" else list(value)
-    if key in ("url", "base_url", "shared_budget"):
+    if key in ("url", "base_url", "shared_budget", "store"):
         return _mask_url(str(value))
     return value if isinstance(value, int | str) else str(value)  # Path, Secret (masked)
 
@@ -80,8 +91,10 @@ _STARTER: tuple[tuple[str, tuple[tuple[str, object, str], ...]], ...] = (
         ("http", "127.0.0.1:8787", 'same API plus /metrics and /healthz on TCP; "" disables'),
         ("api_token", "", 'if set, the TCP API requires "Authorization: Bearer <token>"'),
         ("shared_budget", "", '"redis://host:6379/0": one budget for every relayd on a key'),
+        ("store", "", '"" = SQLite in state_dir; "postgresql://user@host/db": one shared store'),
         ("retention", "7d", 'an ended job is forgotten this long after it ended; "0": never'),
         ("dead_retention", "30d", 'a dead delivery and its job are kept this long; "0": forever'),
+        ("store_lease", "30s", "with a shared store: how soon others take over a dead one's work"),
         ("default_provider", "", 'provider for submissions naming none ("" = the only one)'),
         ("log_level", "info", "debug | info | warning | error"),
         ("log_format", "text", "text | json"),

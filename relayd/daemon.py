@@ -124,7 +124,8 @@ class Daemon:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         config = self.config
         settings = config.settings
-        self.store = open_store(settings.state_dir, serving=True)
+        # PostgreSQL: refused (StoreError; `relayd run` exits 1) while another relayd holds it
+        self.store = open_store(settings, serving=True)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
         )
@@ -217,7 +218,8 @@ class Daemon:
         Listening addresses and directories stay as they are until a restart (logged).
         """
         old = self.config.settings
-        for key in ("state_dir", "spool_dir", "socket", "http", "api_token", "shared_budget"):
+        restart = ("state_dir", "spool_dir", "socket", "http", "api_token", "shared_budget")
+        for key in (*restart, "store", "store_lease"):
             if getattr(old, key) != getattr(new.settings, key):
                 log.warning("reload: [relayd] %s changed; restart relayd to apply it", key)
         settings = dataclasses.replace(
@@ -260,8 +262,12 @@ class Daemon:
             self.poller.keys.save(self.store)
         except StoreError as exc:
             log.error("cannot save budgets (the next start waits one window): %s", exc)
-        in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
-        pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
+        try:
+            in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
+            pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
+        except StoreError as exc:  # a database server that went away must not stop the stop
+            log.error("shutting down: cannot count what is left: %s", exc)
+            return
         log.info(
             "shutting down: %d job(s) still polling, %d delivery(ies) pending, %d POST(s) cut off",
             in_flight,

@@ -21,7 +21,9 @@ from relayd.mock import receiver as mock_receiver
 from relayd.models import JobState
 from relayd.store import SqliteStore
 from relayd.views import totals
+from tests.pg import pg_cluster, pg_url  # noqa: F401 - fixtures for every test
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
+from tests.stores import backend, sqlite_store  # noqa: F401 - fixtures for every test
 
 API_KEY = "test-key-0001"
 API_TIMEOUT = aiohttp.ClientTimeout(total=30)  # an API call that hangs fails the test instead

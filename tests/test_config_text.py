@@ -40,7 +40,7 @@ def test_render_effective_lists_every_key_with_defaults() -> None:
     """A minimal config renders with every key present, defaults included."""
     config = parse_config(minimal(), base_dir=BASE, env=ENV)
     rendered = tomllib.loads(render_effective(config))
-    assert len(rendered["relayd"]) == 11
+    assert len(rendered["relayd"]) == 13
     assert (rendered["relayd"]["retention"], rendered["relayd"]["dead_retention"]) == ("7d", "30d")
     assert len(rendered["providers"]["main"]) == 13
     assert len(rendered["endpoints"]["app"]) == 8

@@ -1,4 +1,6 @@
-"""Store on a real SQLite file: schema, state transitions, stable webhook ids, durability."""
+"""The store, on a real SQLite file and on a real PostgreSQL database (tests.stores.backend):
+state transitions, stable webhook ids, durability; then what only SQLite has (its file, pragmas,
+migrations from its older versions)."""
 
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ from relayd.models import (
     Submission,
     webhook_id,
 )
+from relayd.store import Store
 from relayd.store.sqlite import SqliteStore
 from relayd.store.sqlite_schema import SCHEMA
-from tests.db import integrity_check, job_result, pending_endpoints
+from tests.db import integrity_check
+from tests.stores import Backend
 
 T0 = 1_700_000_000.0
 
@@ -36,14 +40,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(db_path)
+def store(backend: Backend) -> Iterator[Store]:
+    """The test's store: SQLite, then PostgreSQL."""
+    s = backend.open()
     yield s
     s.close()
 
 
 def add(
-    store: SqliteStore,
+    store: Store,
     doc_id: str = "doc-1",
     provider: str = "xosum",
     metadata: dict[str, Any] | None = None,
@@ -56,7 +61,7 @@ def add(
 
 
 def finish(
-    store: SqliteStore,
+    store: Store,
     job_id: int,
     endpoints: tuple[str, ...] = ("app", "audit"),
     status: str = "done",
@@ -74,7 +79,7 @@ def finish(
 
 
 def attempt(
-    store: SqliteStore,
+    store: Store,
     delivery_id: int,
     outcome: str,
     *,
@@ -95,7 +100,7 @@ def attempt(
     )
 
 
-def state(store: SqliteStore, job_id: int) -> JobState:
+def state(store: Store, job_id: int) -> JobState:
     job = store.job_by_id(job_id)
     assert job is not None
     return job.state
@@ -104,7 +109,7 @@ def state(store: SqliteStore, job_id: int) -> JobState:
 # -- schema and files ----------------------------------------------------------------------------
 
 
-def test_new_file_gets_schema_version_and_wal(store: SqliteStore, db_path: Path) -> None:
+def test_new_file_gets_schema_version_and_wal(sqlite_store: SqliteStore, db_path: Path) -> None:
     """A fresh database is created with its parent dir, stamped with user_version, in WAL mode."""
     with sqlite3.connect(db_path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
@@ -112,7 +117,7 @@ def test_new_file_gets_schema_version_and_wal(store: SqliteStore, db_path: Path)
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     raw.close()
     assert {"jobs", "polls", "deliveries", "attempts"} <= tables
-    assert integrity_check(store.path) == "ok"
+    assert integrity_check(sqlite_store.path) == "ok"
 
 
 def test_reopening_does_not_migrate_again(db_path: Path) -> None:
@@ -128,9 +133,9 @@ def test_reopening_does_not_migrate_again(db_path: Path) -> None:
         second.close()
 
 
-def test_reopen_keeps_everything(db_path: Path) -> None:
+def test_reopen_keeps_everything(backend: Backend) -> None:
     """Jobs, polls, deliveries and attempts all survive a close and reopen."""
-    s = SqliteStore(db_path)
+    s = backend.open()
     job_id = add(s, metadata={"user": 7}, endpoints=("app",))
     s.record_poll(
         job_id,
@@ -149,7 +154,7 @@ def test_reopen_keeps_everything(db_path: Path) -> None:
     assert attempt(s, delivery.id, "retry", next_attempt_at=T0 + 30)
     s.close()
 
-    s = SqliteStore(db_path)
+    s = backend.open()
     try:
         job = s.job_by_id(job_id)
         assert job is not None
@@ -158,14 +163,14 @@ def test_reopen_keeps_everything(db_path: Path) -> None:
         assert job.endpoints == ("app",)
         assert job.etag == '"v1"'
         assert job.polls == 2
-        assert job_result(s.path, job_id) == {"status": "done", "text": "hello"}
+        assert backend.job_result(job_id) == {"status": "done", "text": "hello"}
         assert [p["outcome"] for p in s.polls_for(job_id)] == ["pending", "finished"]
         (again,) = s.deliveries_for(job_id)
         assert again.webhook_id == delivery.webhook_id
         assert again.attempts == 1
         assert again.next_attempt_at == T0 + 30
         assert [a["outcome"] for a in s.attempts_for(again.id)] == ["retry"]
-        assert integrity_check(s.path) == "ok"
+        assert backend.integrity() == "ok"
     finally:
         s.close()
 
@@ -194,7 +199,7 @@ def test_migrates_a_version_1_database(db_path: Path) -> None:
         s.close()
 
 
-def test_run_times_keep_what_finished_jobs_teach(store: SqliteStore) -> None:
+def test_run_times_keep_what_finished_jobs_teach(store: Store) -> None:
     """Only jobs finished with a run time teach; the latest are returned, oldest first."""
     for i in range(4):
         job_id = add(store, f"doc-{i}")
@@ -242,14 +247,14 @@ def test_expiry_reads_only_the_providers_old_jobs(db_path: Path) -> None:
         s.close()
 
 
-def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
+def test_budgets_survive_a_clean_restart_once(backend: Backend) -> None:
     """Saved budgets are read back after reopening, then forgotten (a crash must not reuse them)."""
-    s = SqliteStore(db_path)
+    s = backend.open()
     s.save_budgets({"key-a": {"frees": [T0 + 1.5]}, "key-b": {"frees": []}}, now=T0)
     latest = {"key-a": {"frees": [T0 + 3.0], "blocked_until": T0 + 9.0}}
     s.save_budgets(latest, now=T0 + 1)  # the latest save replaces the last
     s.close()
-    s = SqliteStore(db_path)
+    s = backend.open()
     try:
         assert s.take_budgets() == latest
         assert s.take_budgets() == {}
@@ -257,7 +262,7 @@ def test_budgets_survive_a_clean_restart_once(db_path: Path) -> None:
         s.close()
 
 
-def test_recently_active(store: SqliteStore) -> None:
+def test_recently_active(store: Store) -> None:
     """A provider is active if a job is still polled or one changed since `since`."""
     assert not store.recently_active(["xosum"], T0 - 100)
     job_id = add(store)
@@ -268,15 +273,16 @@ def test_recently_active(store: SqliteStore) -> None:
     assert not store.recently_active(["xosum"], T0 + 11)
 
 
-def test_readonly_store_reads_but_refuses_writes(store: SqliteStore, db_path: Path) -> None:
-    """A read-only Store (CLI status) sees the data; any write raises StoreError, not sqlite3."""
+def test_readonly_store_reads_but_refuses_writes(store: Store, backend: Backend) -> None:
+    """A read-only Store (CLI status) sees the data; any write raises StoreError, not the
+    database's own error."""
     job_id = add(store)
-    ro = SqliteStore(db_path, readonly=True)
+    ro = backend.open(readonly=True)
     try:
         assert ro.get_job("xosum", "doc-1") is not None
         with pytest.raises(StoreError) as info:
             ro.add_jobs([Submission("doc-2", "xosum")], source="api", now=T0)
-        assert not isinstance(info.value, sqlite3.Error)
+        assert type(info.value) is StoreError
         with pytest.raises(StoreError):
             ro.cancel(job_id, now=T0)
         with pytest.raises(StoreError):
@@ -344,7 +350,7 @@ def test_state_dir_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> No
 # -- intake --------------------------------------------------------------------------------------
 
 
-def test_add_jobs_is_idempotent(store: SqliteStore) -> None:
+def test_add_jobs_is_idempotent(store: Store) -> None:
     """A known (provider, docId) is left as is and reported as not created."""
     first = store.add_jobs(
         [Submission("doc-1", "xosum", {"v": 1}, ("app",))], source="spool", now=T0
@@ -365,14 +371,14 @@ def test_add_jobs_is_idempotent(store: SqliteStore) -> None:
     assert other.id != job.id
 
 
-def test_duplicate_in_one_batch_is_created_once(store: SqliteStore) -> None:
+def test_duplicate_in_one_batch_is_created_once(store: Store) -> None:
     """The same id twice in one file gives one job, created the first time only."""
     out = store.add_jobs([Submission("a", "xosum"), Submission("a", "xosum")], source="api", now=T0)
     assert [created for _, created in out] == [True, False]
     assert out[0][0].id == out[1][0].id
 
 
-def test_same_doc_id_under_two_providers_is_two_jobs(store: SqliteStore) -> None:
+def test_same_doc_id_under_two_providers_is_two_jobs(store: Store) -> None:
     """Jobs are keyed by provider and docId together."""
     a = add(store, "doc-1", "xosum")
     b = add(store, "doc-1", "aitronos")
@@ -383,7 +389,7 @@ def test_same_doc_id_under_two_providers_is_two_jobs(store: SqliteStore) -> None
 # -- polling -------------------------------------------------------------------------------------
 
 
-def test_record_poll_updates_the_job(store: SqliteStore) -> None:
+def test_record_poll_updates_the_job(store: Store) -> None:
     """A not-yet poll counts, reschedules, and keeps the last status and ETag unless replaced."""
     job_id = add(store)
     assert store.record_poll(
@@ -418,7 +424,7 @@ def test_record_poll_updates_the_job(store: SqliteStore) -> None:
     assert [(p["http_status"], p["outcome"]) for p in polls] == [(200, "pending"), (503, "error")]
 
 
-def test_finish_job_creates_pending_deliveries(store: SqliteStore) -> None:
+def test_finish_job_creates_pending_deliveries(store: Store, backend: Backend) -> None:
     """A terminal poll stores the result and one pending delivery per endpoint, due at once."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -431,7 +437,7 @@ def test_finish_job_creates_pending_deliveries(store: SqliteStore) -> None:
     assert [d.endpoint for d in deliveries] == ["app", "audit"]
     assert all(d.state == DeliveryState.PENDING for d in deliveries)
     assert all(d.next_attempt_at == T0 + 10 and d.attempts == 0 for d in deliveries)
-    assert pending_endpoints(store.path) == {"app", "audit"}
+    assert backend.pending_endpoints() == {"app", "audit"}
     assert store.next_delivery_at("app", T0) == T0 + 10
     assert store.next_delivery_at("app", T0 + 10) is None  # those due now are in hand
     assert [d.id for d in store.due_deliveries("app", T0 + 10, 10)] == [deliveries[0].id]
@@ -439,7 +445,7 @@ def test_finish_job_creates_pending_deliveries(store: SqliteStore) -> None:
     assert store.polling_jobs() == []
 
 
-def test_finish_job_twice_is_refused(store: SqliteStore) -> None:
+def test_finish_job_twice_is_refused(store: Store) -> None:
     """Only a job still being polled can finish; a second finish changes nothing."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -447,7 +453,7 @@ def test_finish_job_twice_is_refused(store: SqliteStore) -> None:
     assert len(store.deliveries_for(job_id)) == 2
 
 
-def test_finish_without_deliveries_is_final(store: SqliteStore) -> None:
+def test_finish_without_deliveries_is_final(store: Store) -> None:
     """No endpoint wants the event: done ends delivered, failed ends failed, at once."""
     done, failed = add(store, "a"), add(store, "b")
     assert finish(store, done, ())
@@ -456,7 +462,7 @@ def test_finish_without_deliveries_is_final(store: SqliteStore) -> None:
     assert state(store, failed) == JobState.FAILED
 
 
-def test_webhook_id_is_stable_per_job_and_event(store: SqliteStore) -> None:
+def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
     """Every endpoint and retry of one (provider, docId, event) shares one webhook-id."""
     job_id = add(store)
     assert finish(store, job_id)
@@ -472,15 +478,15 @@ def test_webhook_id_is_stable_per_job_and_event(store: SqliteStore) -> None:
     assert webhook_id("a", "bc", "e") != webhook_id("ab", "c", "e")
 
 
-def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: SqliteStore) -> None:
+def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(sqlite_store: SqliteStore) -> None:
     """record_poll skips the fsync (it acknowledges nothing); every other change, even one right
     after it or after a poll record that failed, is committed with synchronous=FULL."""
-    job_id = add(store)
+    job_id = add(sqlite_store)
     statements: list[str] = []
-    store._db.set_trace_callback(statements.append)
+    sqlite_store._db.set_trace_callback(statements.append)
 
     def poll(job: int) -> bool:
-        return store.record_poll(
+        return sqlite_store.record_poll(
             job,
             now=T0 + 1,
             http_status=200,
@@ -497,14 +503,14 @@ def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(store: SqliteStor
     assert not poll(job_id + 99)
     assert statements[-1] == "PRAGMA synchronous=FULL"
     del statements[:]
-    assert finish(store, job_id)
+    assert finish(sqlite_store, job_id)
     assert not any(s.startswith("PRAGMA") for s in statements)
-    store._db.set_trace_callback(None)
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    sqlite_store._db.set_trace_callback(None)
+    assert sqlite_store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 @pytest.mark.parametrize("final", [JobState.EXPIRED, JobState.UNKNOWN, JobState.CANCELLED])
-def test_end_job_stops_polling(store: SqliteStore, final: JobState) -> None:
+def test_end_job_stops_polling(store: Store, final: JobState) -> None:
     """end_job moves a polled job to its final state once; later polls are refused."""
     job_id = add(store)
     assert store.end_job(job_id, final, now=T0 + 1, detail="why")
@@ -524,7 +530,7 @@ def test_end_job_stops_polling(store: SqliteStore, final: JobState) -> None:
     assert store.polls_for(job_id)[-1]["outcome"] == str(final)
 
 
-def test_expire_jobs_takes_only_old_polling_jobs(store: SqliteStore) -> None:
+def test_expire_jobs_takes_only_old_polling_jobs(store: Store) -> None:
     """Jobs submitted before the cutoff and still polled expire; others are untouched."""
     old = add(store, "old")
     store.add_jobs([Submission("new", "xosum")], source="api", now=T0 + 100)
@@ -543,7 +549,7 @@ def test_expire_jobs_takes_only_old_polling_jobs(store: SqliteStore) -> None:
 # -- delivery ------------------------------------------------------------------------------------
 
 
-def test_retry_keeps_delivery_pending(store: SqliteStore) -> None:
+def test_retry_keeps_delivery_pending(store: Store) -> None:
     """A failed attempt counts, records the error and the next due time; the job waits."""
     job_id = add(store)
     finish(store, job_id)
@@ -559,7 +565,7 @@ def test_retry_keeps_delivery_pending(store: SqliteStore) -> None:
     assert state(store, job_id) == JobState.DELIVERING
 
 
-def test_deferred_attempt_does_not_spend(store: SqliteStore) -> None:
+def test_deferred_attempt_does_not_spend(store: Store) -> None:
     """An attempt not spent (a 429 or 503 with Retry-After) leaves the attempt count alone."""
     job_id = add(store)
     finish(store, job_id)
@@ -570,7 +576,7 @@ def test_deferred_attempt_does_not_spend(store: SqliteStore) -> None:
     assert len(store.attempts_for(d.id)) == 1
 
 
-def test_job_settles_delivered_when_all_deliveries_succeed(store: SqliteStore) -> None:
+def test_job_settles_delivered_when_all_deliveries_succeed(store: Store, backend: Backend) -> None:
     """The job is delivered only once its last delivery is."""
     job_id = add(store)
     finish(store, job_id)
@@ -582,10 +588,10 @@ def test_job_settles_delivered_when_all_deliveries_succeed(store: SqliteStore) -
     delivered = store.deliveries_for(job_id)[1]
     assert delivered.state == DeliveryState.DELIVERED
     assert delivered.delivered_at == T0 + 25
-    assert pending_endpoints(store.path) == set()
+    assert backend.pending_endpoints() == set()
 
 
-def test_job_settles_dead_when_any_delivery_dies(store: SqliteStore) -> None:
+def test_job_settles_dead_when_any_delivery_dies(store: Store) -> None:
     """One dead delivery makes the job dead, even if the other was delivered."""
     job_id = add(store)
     finish(store, job_id)
@@ -597,7 +603,7 @@ def test_job_settles_dead_when_any_delivery_dies(store: SqliteStore) -> None:
     assert store.deliveries_for(job_id)[0].state == DeliveryState.DEAD
 
 
-def test_attempt_on_a_finished_delivery_is_refused(store: SqliteStore) -> None:
+def test_attempt_on_a_finished_delivery_is_refused(store: Store) -> None:
     """Once delivered, a late attempt result is ignored and not recorded."""
     job_id = add(store)
     finish(store, job_id, ("app",))
@@ -608,7 +614,7 @@ def test_attempt_on_a_finished_delivery_is_refused(store: SqliteStore) -> None:
     assert [a["outcome"] for a in store.attempts_for(d.id)] == ["delivered"]
 
 
-def test_cancel_polling_job(store: SqliteStore) -> None:
+def test_cancel_polling_job(store: Store) -> None:
     """Cancelling a polled job stops it; cancelling again is refused."""
     job_id = add(store)
     assert store.cancel(job_id, now=T0 + 1)
@@ -617,7 +623,7 @@ def test_cancel_polling_job(store: SqliteStore) -> None:
     assert not store.cancel(job_id, now=T0 + 2)
 
 
-def test_cancel_delivering_job_cancels_only_pending(store: SqliteStore) -> None:
+def test_cancel_delivering_job_cancels_only_pending(store: Store) -> None:
     """Cancel stops undelivered deliveries and keeps delivered ones as they were."""
     job_id = add(store)
     finish(store, job_id)
@@ -631,7 +637,7 @@ def test_cancel_delivering_job_cancels_only_pending(store: SqliteStore) -> None:
 
 
 @pytest.mark.parametrize("outcome", ["delivered", "dead"])
-def test_cancel_final_job_is_refused(store: SqliteStore, outcome: str) -> None:
+def test_cancel_final_job_is_refused(store: Store, outcome: str) -> None:
     """A job already in a final state cannot be cancelled."""
     job_id = add(store)
     finish(store, job_id, ("app",))
@@ -643,7 +649,7 @@ def test_cancel_final_job_is_refused(store: SqliteStore, outcome: str) -> None:
     assert not store.cancel(424242, now=T0)
 
 
-def test_redeliver_dead_job(store: SqliteStore) -> None:
+def test_redeliver_dead_job(store: Store) -> None:
     """redeliver resets every finished delivery, same webhook-id, and the job delivers again."""
     job_id = add(store)
     finish(store, job_id)
@@ -663,14 +669,14 @@ def test_redeliver_dead_job(store: SqliteStore) -> None:
     assert state(store, job_id) == JobState.DELIVERED
 
 
-def test_redeliver_job_without_deliveries_does_nothing(store: SqliteStore) -> None:
+def test_redeliver_job_without_deliveries_does_nothing(store: Store) -> None:
     """A job still polling (or with nothing to send) has nothing to redeliver."""
     job_id = add(store)
     assert store.redeliver(job_id=job_id, now=T0 + 1) == 0
     assert state(store, job_id) == JobState.POLLING
 
 
-def test_counts_and_listing(store: SqliteStore) -> None:
+def test_counts_and_listing(store: Store) -> None:
     """Status counts group jobs by provider and state, deliveries by endpoint and state."""
     a, b = add(store, "a"), add(store, "b")
     add(store, "c", "aitronos")
@@ -687,7 +693,7 @@ def test_counts_and_listing(store: SqliteStore) -> None:
     assert store.oldest_polling() == {"aitronos": T0}
 
 
-def test_redeliver_by_filter_records_each_replay(store: SqliteStore) -> None:
+def test_redeliver_by_filter_records_each_replay(store: Store) -> None:
     """Filters (endpoint, state, since) pick deliveries; each replay is an attempt row."""
     old, new = add(store, "old-doc"), add(store, "new-doc")
     for job_id, at in ((old, T0 + 10), (new, T0 + 50)):
@@ -707,7 +713,7 @@ def test_redeliver_by_filter_records_each_replay(store: SqliteStore) -> None:
     assert store.redeliver(now=T0 + 90, endpoint="audit", states=("dead",)) == 0
 
 
-def test_jobs_page_pages_newest_first_filters_and_finds_by_id_start(store: SqliteStore) -> None:
+def test_jobs_page_pages_newest_first_filters_and_finds_by_id_start(store: Store) -> None:
     ids = [add(store, f"page-{i:03d}") for i in range(30)]
     add(store, "other-1", provider="aitronos")
     first = store.jobs_page(provider="xosum", limit=10)
@@ -720,9 +726,13 @@ def test_jobs_page_pages_newest_first_filters_and_finds_by_id_start(store: Sqlit
     assert [j.doc_id for j in store.jobs_page(q="other-1")] == ["other-1"]
     assert store.jobs_page(state="dead") == []
     assert store.jobs_page(before=ids[0]) == []
+
+
+def test_jobs_page_finds_a_doc_id_start_through_an_index(sqlite_store: SqliteStore) -> None:
+    """The console's search by the start of a docId is an index range, not a scan."""
     plan = " ".join(
         str(r[3])
-        for r in store._db.execute(
+        for r in sqlite_store._db.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE doc_id>=? AND doc_id<? ORDER BY id DESC",
             ("a", "b"),
         )
@@ -730,7 +740,7 @@ def test_jobs_page_pages_newest_first_filters_and_finds_by_id_start(store: Sqlit
     assert "jobs_by_doc" in plan or "USING INDEX" in plan, plan
 
 
-def test_dead_deliveries_filter_as_redeliver_does_and_count_them_all(store: SqliteStore) -> None:
+def test_dead_deliveries_filter_as_redeliver_does_and_count_them_all(store: Store) -> None:
     for i in range(3):
         job_id = add(store, f"dead-{i}")
         finish(store, job_id)
@@ -747,12 +757,12 @@ def test_dead_deliveries_filter_as_redeliver_does_and_count_them_all(store: Sqli
 
 
 def test_a_writable_store_zeroes_only_what_costs_nothing_and_checkpoints_often(
-    store: SqliteStore,
+    sqlite_store: SqliteStore,
 ) -> None:
     """secure_delete=FAST (Debian compiles SECURE_DELETE in: pruning was ten times slower) and
     a 1 MB auto-checkpoint (a commit that checkpoints holds the event loop)."""
-    assert store._db.execute("PRAGMA secure_delete").fetchone()[0] == 2
-    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 250
+    assert sqlite_store._db.execute("PRAGMA secure_delete").fetchone()[0] == 2
+    assert sqlite_store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 250
 
 
 def group_counts(store: SqliteStore, table: str, by: str) -> dict[str, dict[str, int]]:
@@ -764,10 +774,13 @@ def group_counts(store: SqliteStore, table: str, by: str) -> dict[str, dict[str,
     return out
 
 
-def test_counts_kept_as_rows_change_agree_with_counting_every_row(store: SqliteStore) -> None:
+def test_counts_kept_as_rows_change_agree_with_counting_every_row(
+    sqlite_store: SqliteStore,
+) -> None:
     """job_counts and delivery_counts read counters the database keeps as rows change; after
     submissions, finishes, deliveries, deaths, a cancel, a redelivery and a prune they agree
     with a count of every row."""
+    store = sqlite_store
     ids = [add(store, f"c-{i}", provider="xosum" if i % 2 else "aitronos") for i in range(8)]
     for job_id in ids[:6]:
         finish(store, job_id)

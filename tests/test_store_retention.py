@@ -1,9 +1,11 @@
-"""The store's side of retention, on a real SQLite file: which jobs a pass deletes and what goes
-with them, bounded histories, run times that outlive their jobs, and giving space back."""
+"""The store's side of retention, on a real SQLite file and a real PostgreSQL database
+(tests.stores.backend): which jobs a pass deletes and what goes with them, bounded histories, run
+times that outlive their jobs; then SQLite's migration of them and its giving space back."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +19,25 @@ from relayd.models import (
     Pruned,
     Submission,
 )
+from relayd.store import Store
 from relayd.store.sqlite import SqliteStore
 from relayd.store.sqlite_schema import SCHEMA
 from tests.db import integrity_check
+from tests.stores import Backend
 from tests.test_store import T0, add, attempt, finish
 
 ENDED_AT = T0 + 10  # finish() ends a job at T0 + 10
 
 
-def ended(store: SqliteStore, doc_id: str, state: JobState) -> int:
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    """The test's store: SQLite, then PostgreSQL."""
+    s = backend.open()
+    yield s
+    s.close()
+
+
+def ended(store: Store, doc_id: str, state: JobState) -> int:
     """A job that ended in `state` at ENDED_AT, with a poll, and deliveries where it has any."""
     job_id = add(store, doc_id)
     if state == JobState.DELIVERED:
@@ -48,20 +60,12 @@ def ended(store: SqliteStore, doc_id: str, state: JobState) -> int:
     return job_id
 
 
-def rows(store: SqliteStore, table: str) -> int:
-    db = sqlite3.connect(store.path)
-    try:
-        return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-    finally:
-        db.close()
-
-
 @pytest.mark.parametrize(
     "state",
     [JobState.DELIVERED, JobState.FAILED, JobState.EXPIRED, JobState.UNKNOWN, JobState.CANCELLED],
 )
 def test_an_ended_job_goes_at_its_retention_and_not_before(
-    store: SqliteStore, state: JobState
+    store: Store, backend: Backend, state: JobState
 ) -> None:
     """Every ended state: kept while it ended at or after the cutoff, deleted once before."""
     job_id = ended(store, "d1", state)
@@ -71,23 +75,25 @@ def test_an_ended_job_goes_at_its_retention_and_not_before(
     assert pruned.jobs == 1
     assert store.job_by_id(job_id) is None
     assert store.get_job("xosum", "d1") is None
-    assert (rows(store, "polls"), rows(store, "deliveries"), rows(store, "attempts")) == (0, 0, 0)
+    assert [backend.rows(table) for table in ("polls", "deliveries", "attempts")] == [0, 0, 0]
     # and the id is free again: a new submission of it is a new job
     [(again, created)] = store.add_jobs([Submission("d1", "xosum")], source="api", now=T0 + 99)
     assert created and again.state == JobState.POLLING and again.polls == 0
 
 
-def test_a_pass_deletes_what_goes_with_the_job_and_says_how_much(store: SqliteStore) -> None:
+def test_a_pass_deletes_what_goes_with_the_job_and_says_how_much(
+    store: Store, backend: Backend
+) -> None:
     """Polls, deliveries and attempts go with their job, and the counts say so."""
     job_id = ended(store, "d1", JobState.DELIVERED)  # poll, finish poll; 1 delivery, 1 attempt
     assert store.record_attempt is not None
     polls = len(store.polls_for(job_id))
     pruned = store.prune(ended_before=ENDED_AT + 1, dead_before=None, limit=100)
     assert pruned == Pruned(jobs=1, polls=polls, deliveries=1, attempts=1)
-    assert integrity_check(store.path) == "ok"
+    assert backend.integrity() == "ok"
 
 
-def test_a_dead_job_waits_for_dead_retention(store: SqliteStore) -> None:
+def test_a_dead_job_waits_for_dead_retention(store: Store) -> None:
     """`retention` leaves a dead job alone; `dead_retention` deletes it once its time is up."""
     job_id = ended(store, "d1", JobState.DEAD)
     assert store.prune(ended_before=ENDED_AT + 100, dead_before=None, limit=100) == Pruned()
@@ -96,7 +102,7 @@ def test_a_dead_job_waits_for_dead_retention(store: SqliteStore) -> None:
     assert store.job_by_id(job_id) is None
 
 
-def test_a_redelivery_starts_the_clock_again(store: SqliteStore) -> None:
+def test_a_redelivery_starts_the_clock_again(store: Store) -> None:
     """A dead job redelivered (and dead again later) counts from its new end."""
     job_id = ended(store, "d1", JobState.DEAD)
     assert store.redeliver(now=ENDED_AT + 50, job_id=job_id) == 1
@@ -107,7 +113,7 @@ def test_a_redelivery_starts_the_clock_again(store: SqliteStore) -> None:
     assert store.prune(ended_before=None, dead_before=ENDED_AT + 61, limit=100).jobs == 1
 
 
-def test_a_live_job_is_never_pruned_whatever_its_age(store: SqliteStore) -> None:
+def test_a_live_job_is_never_pruned_whatever_its_age(store: Store) -> None:
     """Polling and delivering jobs stay, however old, whatever the cutoffs."""
     polling = add(store, "polling")
     delivering = add(store, "delivering")
@@ -117,7 +123,7 @@ def test_a_live_job_is_never_pruned_whatever_its_age(store: SqliteStore) -> None
     assert store.job_by_id(polling) is not None and store.job_by_id(delivering) is not None
 
 
-def test_none_keeps_forever_and_limit_bounds_a_batch(store: SqliteStore) -> None:
+def test_none_keeps_forever_and_limit_bounds_a_batch(store: Store) -> None:
     """A cutoff of None keeps those jobs; `limit` jobs at most go per call."""
     for i in range(5):
         ended(store, f"d{i}", JobState.EXPIRED)
@@ -128,7 +134,9 @@ def test_none_keeps_forever_and_limit_bounds_a_batch(store: SqliteStore) -> None
     assert store.prune(ended_before=ENDED_AT + 1, dead_before=None, limit=2).jobs == 0
 
 
-def test_a_long_lived_jobs_polls_keep_the_first_and_the_latest(store: SqliteStore) -> None:
+def test_a_long_lived_jobs_polls_keep_the_first_and_the_latest(
+    store: Store, backend: Backend
+) -> None:
     """A job polled 1,000 times keeps its first 5 polls and its latest 50, and counts the rest."""
     job_id = add(store)
     for n in range(1000):
@@ -148,10 +156,10 @@ def test_a_long_lived_jobs_polls_keep_the_first_and_the_latest(store: SqliteStor
     job = store.job_by_id(job_id)
     assert job is not None and job.polls == 1000
     assert job.polls_dropped == 1000 - HISTORY_FIRST - HISTORY_LATEST
-    assert rows(store, "polls") == HISTORY_FIRST + HISTORY_LATEST
+    assert backend.rows("polls") == HISTORY_FIRST + HISTORY_LATEST
 
 
-def test_a_deliverys_attempts_keep_the_first_and_the_latest(store: SqliteStore) -> None:
+def test_a_deliverys_attempts_keep_the_first_and_the_latest(store: Store) -> None:
     """Retries and replays without end keep a bounded history, its gap counted."""
     job_id = add(store)
     finish(store, job_id, endpoints=("app",))
@@ -167,7 +175,7 @@ def test_a_deliverys_attempts_keep_the_first_and_the_latest(store: SqliteStore) 
     assert d.attempts_dropped == 71 - HISTORY_FIRST - HISTORY_LATEST
 
 
-def test_run_times_outlive_the_jobs_they_came_from(store: SqliteStore) -> None:
+def test_run_times_outlive_the_jobs_they_came_from(store: Store, backend: Backend) -> None:
     """What the cadence learned stays when its jobs are pruned, and across a reopen."""
     for i in range(3):
         job_id = add(store, f"d{i}")
@@ -187,7 +195,7 @@ def test_run_times_outlive_the_jobs_they_came_from(store: SqliteStore) -> None:
     learned = [("xosum", "phone_call", 60.0, 4.0 + i) for i in range(3)]
     assert store.run_times() == learned
     store.close()
-    again = SqliteStore(store.path)
+    again = backend.open()
     try:
         assert again.run_times() == learned
         assert again.trim_run_times(keep=2) == 1
@@ -219,8 +227,9 @@ def test_version_4_databases_keep_their_run_times(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_new_database_gives_free_space_back_in_steps(store: SqliteStore) -> None:
+def test_a_new_database_gives_free_space_back_in_steps(sqlite_store: SqliteStore) -> None:
     """A database relayd creates is INCREMENTAL: pruned pages go back to the file system."""
+    store = sqlite_store
     assert store.incremental()
     for i in range(200):
         job_id = add(store, f"d{i}")

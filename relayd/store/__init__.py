@@ -1,7 +1,8 @@
 """Where jobs are kept: the `Store` interface every part of relayd uses, and `open_store`.
 
-One implementation today, `SqliteStore` (`state_dir/relayd.db`); a store shared by several relays
-(PostgreSQL) implements the same interface. Every method that changes something is one
+Two implementations answer alike (one test suite runs against both): `SqliteStore`
+(`state_dir/relayd.db`, the default) and `PostgresStore` (`[relayd] store = "postgresql://…"`, the
+`postgres` extra), a store several relays can reach. Every method that changes something is one
 transaction, committed before it returns, and raises `StoreError` when the database cannot take
 it; nothing is acknowledged to anyone before that.
 """
@@ -9,8 +10,7 @@ it; nothing is acknowledged to anyone before that.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relayd.models import (
     AttemptOutcome,
@@ -24,6 +24,9 @@ from relayd.models import (
     Submission,
 )
 from relayd.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from relayd.config import Settings
 
 __all__ = ["SqliteStore", "Store", "open_store"]
 
@@ -120,7 +123,8 @@ class Store(Protocol):
         ...
 
     def disk_usage(self) -> tuple[int, int]:
-        """Bytes the store takes on disk: (the database, its write-ahead log)."""
+        """Bytes the store takes on disk: (the database, its write-ahead log). PostgreSQL:
+        (relayd's tables with their indexes, 0): the server's WAL is not relayd's."""
         ...
 
     # -- budgets across restarts
@@ -225,7 +229,15 @@ class Store(Protocol):
         ...
 
 
-def open_store(state_dir: Path, *, readonly: bool = False, serving: bool = False) -> Store:
-    """The store the config names (today: SQLite in `state_dir`); `serving`: the daemon's,
-    open for long and never to wait on housekeeping."""
-    return SqliteStore(state_dir / DATABASE, readonly=readonly, serving=serving)
+def open_store(settings: Settings, *, readonly: bool = False, serving: bool = False) -> Store:
+    """The store the config names: PostgreSQL when `store` is a URL, else SQLite in `state_dir`.
+
+    `readonly`: for looking (the CLI's status, jobs, show). `serving`: the daemon's, open for
+    long: SQLite checkpoints in a thread of its own; PostgreSQL is held by this relayd alone,
+    refused (StoreError) while another holds it: several relays on one store need the claiming
+    of jobs that comes next."""
+    if settings.store:
+        from relayd.store.postgres import PostgresStore  # psycopg: the optional extra
+
+        return PostgresStore(settings.store, readonly=readonly, sole=serving)
+    return SqliteStore(settings.state_dir / DATABASE, readonly=readonly, serving=serving)

@@ -32,15 +32,8 @@ from relayd.models import (
     Submission,
     webhook_id,
 )
-from relayd.store.sqlite_schema import (
-    DELIVERY_COLUMNS,
-    DELIVERY_FROM,
-    INDEXES,
-    JOB_COLUMNS,
-    SCHEMA,
-    delivery_row,
-    job_row,
-)
+from relayd.store.rows import DELIVERY_COLUMNS, DELIVERY_FROM, JOB_COLUMNS, delivery_row, job_row
+from relayd.store.sqlite_schema import INDEXES, SCHEMA
 
 WAL_LIMIT = 16 * 1024 * 1024  # bytes a WAL file is cut back to after a checkpoint
 # The commit that takes the WAL past this many pages copies them into the database first, on
