@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from relayd.errors import StoreError
 from relayd.models import (
-    ENDED_JOB_STATES,
     FINAL_JOB_STATES,
     HISTORY_FIRST,
     HISTORY_KEPT,
@@ -28,129 +23,15 @@ from relayd.models import (
     JobState,
     NewDelivery,
     PollOutcome,
-    Pruned,
     Submission,
     webhook_id,
 )
 from relayd.store.rows import DELIVERY_COLUMNS, DELIVERY_FROM, JOB_COLUMNS, delivery_row, job_row
-from relayd.store.sqlite_schema import INDEXES, SCHEMA
-
-WAL_LIMIT = 16 * 1024 * 1024  # bytes a WAL file is cut back to after a checkpoint
-# The commit that takes the WAL past this many pages copies them into the database first, on
-# the event loop: 1 MB at a time, not SQLite's 4 MB (with 40 KB rows, the longest commit went
-# from 15 ms to 5 ms; benchmarks/README.md, "Soak").
-CHECKPOINT_PAGES = 250
-ASSIST_EVERY = 0.05  # seconds between the serving store's background checkpoints
+from relayd.store.sqlite_file import SqliteFile
 
 
-class SqliteStore:
-    """The `Store` in one SQLite file (WAL mode, synchronous commits for what is acknowledged).
-
-    `serving=True` (the daemon) adds a checkpoint thread. The commit that crosses
-    CHECKPOINT_PAGES still checkpoints, as SQLite does, because only a checkpoint made between
-    two commits of the writer lets the next one start the WAL over (else it grows without
-    bound). But by then the thread has already copied nearly every page and synced the file,
-    off the event loop (the sqlite3 module releases the GIL while SQLite works), so the
-    commit's part is small. A passive checkpoint never blocks a writer, and a commit whose
-    checkpoint finds the thread at it skips its own.
-    """
-
-    def __init__(self, path: Path, *, readonly: bool = False, serving: bool = False) -> None:
-        self.path = path
-        self._assist: threading.Thread | None = None
-        self._stop_assist = threading.Event()
-        try:
-            if readonly:
-                uri = path.absolute().as_uri() + "?mode=ro"  # as_uri escapes '#', '?', '%'
-                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-                # A new file gives freed pages back bit by bit (`relayd vacuum`); it must be
-                # said before WAL mode and the first table. An older file keeps its mode.
-                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-                self._db.execute("PRAGMA journal_mode=WAL")
-                # after a checkpoint, a WAL that grew (a reader held it back) shrinks to this
-                self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-                # Deleted rows are zeroed only where that costs no extra writes: zeroing every
-                # freed page of a 40 KB transcript made pruning ten times slower (SECURE_DELETE
-                # is compiled in on Debian). The bytes stay in free pages until they are reused
-                # or `relayd vacuum` gives them back.
-                self._db.execute("PRAGMA secure_delete=FAST")
-                self._db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # big sorts and temp tables stay in memory: on a read-only root filesystem (a
-            # container) there is no writable temp directory, and SQLite would fail with EIO
-            self._db.execute("PRAGMA temp_store=MEMORY")
-            if not readonly:
-                self._migrate()
-            if serving and not readonly:
-                assist = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                self._assist = threading.Thread(
-                    target=self._checkpoints, args=(assist,), name="relayd-checkpoint"
-                )
-                self._assist.start()
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open {path}: {exc}") from exc
-
-    def close(self) -> None:
-        if self._assist is not None:
-            self._stop_assist.set()
-            self._assist.join()
-        self._db.close()
-
-    def _checkpoints(self, db: sqlite3.Connection) -> None:
-        """The checkpoint thread: a passive checkpoint every ASSIST_EVERY seconds (one with
-        nothing new to copy costs a lock and a read); a failed one is tried again next time."""
-        try:
-            while not self._stop_assist.wait(ASSIST_EVERY):
-                with suppress(sqlite3.Error):
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            db.close()
-
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(SCHEMA[version:], start=version + 1):
-            with self._write():
-                for statement in statements(script):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number}")
-        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type='index'")
-        known = {r[0] for r in rows}
-        if missing := INDEXES.keys() - known:
-            with self._write():
-                for name in sorted(missing):
-                    self._db.execute(f"CREATE INDEX IF NOT EXISTS {name} {INDEXES[name]}")
-
-    @contextmanager
-    def _write(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction (BEGIN IMMEDIATE ... COMMIT); sqlite errors surface as StoreError.
-
-        `synced=False` commits without waiting for the disk (synchronous=NORMAL in WAL mode):
-        the change survives relayd being killed, and a power cut can only drop the newest such
-        commits, never one made before the next synced commit. For changes nobody is told about.
-        """
-        if not synced:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            if self._db.in_transaction:
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(str(exc)) from exc
-            raise
-        finally:
-            if not synced:
-                self._db.execute("PRAGMA synchronous=FULL")
+class SqliteStore(SqliteFile):
+    """The `Store` in one SQLite file (`SqliteFile`: WAL mode, its schema, checkpoints)."""
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -358,21 +239,6 @@ class SqliteStore:
             out.setdefault(endpoint, {})[state] = n
         return out
 
-    def disk_usage(self) -> tuple[int, int]:
-        """Bytes on disk: (the database file, its WAL)."""
-        sizes = []
-        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
-            try:
-                sizes.append(path.stat().st_size)
-            except FileNotFoundError:
-                sizes.append(0)
-        return sizes[0], sizes[1]
-
-    def probe_write(self, now: float) -> None:
-        """A real (unsynced) write: raises StoreError when the disk is full or read-only."""
-        with self._write(synced=False) as db:
-            db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (now,))
-
     # -- budgets across restarts ------------------------------------------------------------------
 
     def save_budgets(self, budgets: dict[str, dict[str, Any]], *, now: float) -> None:
@@ -557,99 +423,6 @@ class SqliteStore:
         )
         _trim(db, "polls", "job_id", job_id, "jobs", "polls_dropped")
 
-    # -- retention ------------------------------------------------------------------------------
-
-    def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
-        """Delete up to `limit` jobs whose time is up, with their polls, deliveries and
-        attempts, in one transaction: ended (delivered, failed, expired, unknown, cancelled)
-        before `ended_before`, dead before `dead_before` (None: keep those forever). A job in
-        a final state got there at its `updated_at`. Not synced: a deletion lost to a power cut
-        is made again."""
-        where: list[str] = []
-        args: list[Any] = []
-        if ended_before is not None:
-            ended = sorted(ENDED_JOB_STATES)
-            where.append(f"(state IN ({','.join('?' * len(ended))}) AND updated_at < ?)")
-            args += [*ended, ended_before]
-        if dead_before is not None:
-            where.append("(state = ? AND updated_at < ?)")
-            args += [JobState.DEAD, dead_before]
-        if not where:
-            return Pruned()
-        with self._write(synced=False) as db:
-            ids = [
-                r[0]
-                for r in db.execute(
-                    f"SELECT id FROM jobs WHERE {' OR '.join(where)} LIMIT ?", (*args, limit)
-                )
-            ]
-            if not ids:
-                return Pruned()
-            marks = ",".join("?" * len(ids))
-            attempts = db.execute(
-                f"DELETE FROM attempts WHERE delivery_id IN"
-                f" (SELECT id FROM deliveries WHERE job_id IN ({marks}))",
-                ids,
-            ).rowcount
-            deliveries = db.execute(f"DELETE FROM deliveries WHERE job_id IN ({marks})", ids)
-            polls = db.execute(f"DELETE FROM polls WHERE job_id IN ({marks})", ids)
-            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
-            return Pruned(len(ids), polls.rowcount, deliveries.rowcount, attempts)
-
-    def trim_run_times(self, keep: int) -> int:
-        """Forget all but the latest `keep` run times; how many were forgotten."""
-        with self._write(synced=False) as db:
-            return db.execute(
-                "DELETE FROM run_times WHERE id <="
-                " (SELECT id FROM run_times ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (keep,),
-            ).rowcount
-
-    # -- giving space back (`relayd vacuum`) ----------------------------------------------------
-
-    def free_pages(self) -> tuple[int, int]:
-        """(pages on the free list, bytes a page)."""
-        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        return int(free), int(self._db.execute("PRAGMA page_size").fetchone()[0])
-
-    def incremental(self) -> bool:
-        """Whether free pages can be given back bit by bit (auto_vacuum = INCREMENTAL)."""
-        return int(self._db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
-
-    def give_back(self, pages: int) -> None:
-        """Return up to `pages` free pages to the file system, in one short transaction (an
-        INCREMENTAL database only; a running daemon waits for it at most that long).
-
-        Through executescript: the pragma frees one page per step, and only sqlite3_exec steps
-        it to the end (execute() would free one page)."""
-        if self._db.in_transaction:
-            raise StoreError("give_back inside a transaction")
-        try:
-            self._db.executescript(
-                f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages)}); COMMIT;"
-            )
-        except sqlite3.Error as exc:
-            with suppress(sqlite3.Error):  # nothing open is fine too
-                self._db.execute("ROLLBACK")
-            raise StoreError(str(exc)) from exc
-
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database and cut it to nothing (waits for readers, up to the
-        busy timeout): what `relayd vacuum` does last, so the file shrinks at once."""
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-
-    def vacuum(self) -> None:
-        """Rewrite the whole file without its free pages, and make it INCREMENTAL from then on.
-        Holds the database for as long as that takes: only with the daemon stopped."""
-        try:
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            self._db.execute("VACUUM")
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-
     # -- delivery -------------------------------------------------------------------------------
 
     def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[Delivery]:
@@ -771,17 +544,6 @@ class SqliteStore:
                 [(JobState.DELIVERING, now, owner) for owner in {owner for _, owner in rows}],
             )
         return len(rows)
-
-
-def statements(script: str) -> Iterator[str]:
-    """The statements of a schema script, one at a time (a trigger's body holds semicolons)."""
-    pending = ""
-    for part in script.split(";"):
-        pending += part + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
-                yield pending
-            pending = ""
 
 
 def _trim(
