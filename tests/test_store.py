@@ -478,10 +478,14 @@ def test_webhook_id_is_stable_per_job_and_event(store: Store) -> None:
     assert webhook_id("a", "bc", "e") != webhook_id("ab", "c", "e")
 
 
-def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(sqlite_store: SqliteStore) -> None:
-    """record_poll skips the fsync (it acknowledges nothing); every other change, even one right
-    after it or after a poll record that failed, is committed with synchronous=FULL."""
+def test_what_acknowledges_nothing_commits_unsynced_and_the_rest_stay_synced(
+    sqlite_store: SqliteStore,
+) -> None:
+    """A poll, a finish and a delivery attempt skip the fsync (nobody is told of them; a power
+    cut makes relayd poll or send again); intake, cancel and redeliver, which answer someone,
+    are committed with synchronous=FULL, even right after an unsynced one or a failed one."""
     job_id = add(sqlite_store)
+    other = add(sqlite_store, "doc-2")
     statements: list[str] = []
     sqlite_store._db.set_trace_callback(statements.append)
 
@@ -497,14 +501,28 @@ def test_a_poll_is_committed_unsynced_and_the_rest_stay_synced(sqlite_store: Sql
             not_found=0,
         )
 
-    assert poll(job_id)
-    assert statements[0] == "PRAGMA synchronous=NORMAL"
-    assert statements[-2:] == ["COMMIT", "PRAGMA synchronous=FULL"]
+    def unsynced(done: bool) -> None:
+        assert done
+        assert statements[0] == "PRAGMA synchronous=NORMAL"
+        assert statements[-2:] == ["COMMIT", "PRAGMA synchronous=FULL"]
+        del statements[:]
+
+    def synced(done: object) -> None:
+        assert done
+        assert not any(s.startswith("PRAGMA") for s in statements), statements
+        del statements[:]
+
+    unsynced(poll(job_id))
     assert not poll(job_id + 99)
     assert statements[-1] == "PRAGMA synchronous=FULL"
     del statements[:]
-    assert finish(sqlite_store, job_id)
-    assert not any(s.startswith("PRAGMA") for s in statements)
+    unsynced(finish(sqlite_store, job_id))
+    [d, _] = sqlite_store.deliveries_for(job_id)
+    del statements[:]
+    unsynced(attempt(sqlite_store, d.id, "delivered"))
+    synced(sqlite_store.add_jobs([Submission("doc-3", "xosum")], source="api", now=T0))
+    synced(sqlite_store.cancel(other, now=T0 + 2))
+    synced(sqlite_store.redeliver(now=T0 + 3, job_id=job_id))
     sqlite_store._db.set_trace_callback(None)
     assert sqlite_store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
