@@ -283,7 +283,8 @@ class Daemon:
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_socket(path)
             app = make_app(self, limits=self.api_limits)
-            add_console(app, self, Guard(None, self.sessions))  # the file mode decides who
+            # no sign-in on the socket: its file mode decides who connects
+            add_console(app, self, Guard(None, self.sessions), clock=self.clock.time)
             runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)
@@ -302,7 +303,8 @@ class Daemon:
                 )
                 log.warning("%s", warning)
             app = make_app(self, token=token, limits=self.api_limits)
-            add_console(app, self, Guard(token, self.sessions), warning=warning)
+            guard = Guard(token, self.sessions)
+            add_console(app, self, guard, clock=self.clock.time, warning=warning)
             runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)

@@ -41,11 +41,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def add_console(
-    app: web.Application, backend: Backend, guard: Guard, *, warning: str | None = None
+    app: web.Application,
+    backend: Backend,
+    guard: Guard,
+    *,
+    clock: Callable[[], float] = time.time,
+    warning: str | None = None,
 ) -> None:
-    """Serve the console on `app` (before it starts). `warning`: shown on every page (no
-    api_token on a listener others can reach)."""
-    console = Console(backend, guard, warning)
+    """Serve the console on `app` (before it starts). `clock`: wall time, the daemon's.
+    `warning`: shown on every page (no api_token on a listener others can reach)."""
+    console = Console(backend, guard, warning, clock)
     app.middlewares.append(console.middleware)
     router = app.router
     router.add_get("/ui", console.to_overview)
@@ -63,10 +68,13 @@ def add_console(
 
 
 class Console:
-    def __init__(self, backend: Backend, guard: Guard, warning: str | None) -> None:
+    def __init__(
+        self, backend: Backend, guard: Guard, warning: str | None, clock: Callable[[], float]
+    ) -> None:
         self.backend = backend
         self.guard = guard
         self.warning = warning
+        self.clock = clock
 
     # -- access -----------------------------------------------------------------------------------
 
@@ -185,7 +193,7 @@ class Console:
                 continue
             entry = keys.setdefault(budget["key"], {"budget": budget, "providers": []})
             entry["providers"].append(name)
-        now = _now()
+        now = self.clock()
         for key_id, entry in keys.items():
             budget = entry["budget"]
             entry["chart"] = chart(
@@ -254,7 +262,7 @@ class Console:
             newest="/ui/jobs?" + urlencode(filters) if before is not None else None,
             problems=problems,
             link=job_link,
-            now=_now(),
+            now=self.clock(),
         )
 
     async def job(self, request: web.Request) -> web.StreamResponse:
@@ -280,7 +288,7 @@ class Console:
             action=job_link(provider, doc_id),
             fold=FOLD_CHARS,
             message=request.query.get("done"),
-            now=_now(),
+            now=self.clock(),
         )
 
     async def redeliver(self, request: web.Request) -> web.StreamResponse:
@@ -311,7 +319,7 @@ class Console:
         since, problems = None, []
         if since_text:
             try:
-                since = parse_since(since_text, _now())
+                since = parse_since(since_text, self.clock())
             except ValueError as exc:
                 problems.append(f"since: {exc}")
         return endpoint, since_text, since, problems
@@ -333,7 +341,7 @@ class Console:
             problems=problems,
             link=job_link,
             confirm=None,
-            now=_now(),
+            now=self.clock(),
         )
 
     async def redeliver_dead(self, request: web.Request) -> web.StreamResponse:
@@ -383,7 +391,3 @@ def _local(target: Any) -> str:
     if isinstance(target, str) and target.startswith("/ui") and not target.startswith("//"):
         return target
     return "/ui/"
-
-
-def _now() -> float:
-    return time.time()

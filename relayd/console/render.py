@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,11 +30,12 @@ def when(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def ago(t: float | None, now: float | None = None) -> str:
-    """How long ago (or, for a time ahead, "in ..."), in the largest unit that fits."""
+def ago(t: float | None, now: float) -> str:
+    """How long ago `t` was at `now` (or, for a time ahead, "in ..."), in the largest unit that
+    fits."""
     if t is None:
         return "-"
-    seconds = (time.time() if now is None else now) - t
+    seconds = now - t
     text = span(abs(seconds))
     return f"in {text}" if seconds < -0.5 else f"{text} ago"
 
