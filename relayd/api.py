@@ -85,7 +85,7 @@ class Backend(Protocol):
         """(the latest dead deliveries, how many in all)."""
         ...
 
-    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+    async def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
         """Queue the dead deliveries the filters select again; how many."""
         ...
 
@@ -93,11 +93,11 @@ class Backend(Protocol):
         """key id -> (window start, requests, 429s) over the last hour."""
         ...
 
-    def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
+    async def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         """Queue the job's deliveries again: (the job, how many); None if there is no job."""
         ...
 
-    def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
+    async def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
         """Cancel the job: (the job as it is now, whether it was cancelled); None: no job."""
         ...
 
@@ -105,7 +105,7 @@ class Backend(Protocol):
 
     def health_problem(self) -> str | None: ...
 
-    def readiness_problems(self) -> list[str]: ...
+    async def readiness_problems(self) -> list[str]: ...
 
     def degraded(self) -> list[str]: ...
 
@@ -270,7 +270,7 @@ class Api:
 
     async def redeliver(self, request: web.Request) -> web.Response:
         provider, doc_id = self._job_ref(request)
-        done = self.backend.redeliver(provider, doc_id)
+        done = await self.backend.redeliver(provider, doc_id)
         if done is None:
             return error(404, f"no job {provider}/{doc_id}")
         job, count = done
@@ -280,7 +280,7 @@ class Api:
 
     async def cancel(self, request: web.Request) -> web.Response:
         provider, doc_id = self._job_ref(request)
-        done = self.backend.cancel(provider, doc_id)
+        done = await self.backend.cancel(provider, doc_id)
         if done is None:
             return error(404, f"no job {provider}/{doc_id}")
         job, cancelled = done
@@ -299,7 +299,7 @@ class Api:
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready for work: started, not draining, loops alive, the database takes writes."""
-        problems = self.backend.readiness_problems()
+        problems = await self.backend.readiness_problems()
         if problems:
             body = {"status": "not ready", "error": "; ".join(problems), "problems": problems}
             return web.json_response(body, status=503)

@@ -81,7 +81,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._socket_bound = False  # only a socket this process bound is removed at exit
         self._api_intake: GroupCommit[Submission, tuple[Job, bool]] = GroupCommit(
-            lambda subs: self.accept(subs, "api"), (StoreError,)
+            self._accept_api, (StoreError,)
         )
         # built in serve(), once there is a running loop
         self.store: Store
@@ -105,12 +105,24 @@ class Daemon:
         return self._catalog
 
     def accept(self, subs: Sequence[Submission], source: str) -> list[tuple[Job, bool]]:
-        """Store submissions (one transaction), then schedule the new ones. Raises StoreError."""
+        """Store submissions (one transaction), then schedule the new ones. Raises StoreError.
+        The spool's, which waits for the commit on the event loop (its batches are few)."""
         stored = self.store.add_jobs(subs, source=source, now=self.clock.time())
+        self._schedule(stored)
+        return stored
+
+    async def _accept_api(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
+        """accept() for the API's group commit: the loop goes on while the commit is made."""
+        stored = await self.store.run(
+            self.store.add_jobs, subs, source="api", now=self.clock.time()
+        )
+        self._schedule(stored)
+        return stored
+
+    def _schedule(self, stored: list[tuple[Job, bool]]) -> None:
         for job, created in stored:
             if created:
                 self.poller.add(job)
-        return stored
 
     async def submit(self, subs: Sequence[Submission]) -> list[tuple[Job, bool]]:
         """accept() for the API, sharing a transaction with the requests that arrive alongside."""
@@ -334,7 +346,7 @@ class Daemon:
         """What works in a reduced way but needs no restart nor less traffic (Redis away)."""
         return self.poller.keys.shared_problems()
 
-    def readiness_problems(self) -> list[str]:
+    async def readiness_problems(self) -> list[str]:
         """Why relayd should not be sent work now (empty: ready). Probes the database for real."""
         problems = []
         if not self.ready.is_set():
@@ -344,7 +356,7 @@ class Daemon:
         if health := self.health_problem():
             problems.append(health)
         try:
-            self.store.probe_write(self.clock.time())
+            await self.store.run(self.store.probe_write, self.clock.time())
         except StoreError as exc:
             problems.append(f"the database refuses writes: {exc}")
         return problems
@@ -411,9 +423,13 @@ class Daemon:
     ) -> tuple[list[Delivery], int]:
         return self.store.dead_deliveries(endpoint=endpoint, since=since, limit=limit)
 
-    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
-        count = self.store.redeliver(
-            now=self.clock.time(), endpoint=endpoint, since=since, states=(DeliveryState.DEAD,)
+    async def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+        count = await self.store.run(
+            self.store.redeliver,
+            now=self.clock.time(),
+            endpoint=endpoint,
+            since=since,
+            states=(DeliveryState.DEAD,),
         )
         if count:
             self.deliverer.wake()
@@ -423,21 +439,21 @@ class Daemon:
         wall = self.clock.time()
         return {key.id: key.requests.last(wall) for key in self.poller.keys}
 
-    def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
+    async def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         job = self.store.get_job(provider, doc_id)
         if job is None:
             return None
-        count = self.store.redeliver(job_id=job.id, now=self.clock.time())
+        count = await self.store.run(self.store.redeliver, job_id=job.id, now=self.clock.time())
         if count:
             self.deliverer.wake()
         return job, count
 
-    def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
+    async def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
         job = self.store.get_job(provider, doc_id)
         if job is None:
             return None
-        cancelled = job.state not in FINAL_JOB_STATES and self.store.cancel(
-            job.id, now=self.clock.time()
+        cancelled = job.state not in FINAL_JOB_STATES and await self.store.run(
+            self.store.cancel, job.id, now=self.clock.time()
         )
         return self.store.job_by_id(job.id) or job, cancelled
 

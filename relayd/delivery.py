@@ -148,7 +148,7 @@ class Deliverer:
         try:
             started = self.clock.monotonic()
             outcome = await self._post(endpoint, d)
-            self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
+            await self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
         except StoreError as exc:
             log.error("cannot record delivery attempt: %s", exc, extra=_context(endpoint, d))
         except Exception:
@@ -189,7 +189,7 @@ class Deliverer:
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, f"{type(exc).__name__}: {exc}".rstrip(": "), None)
 
-    def _record(
+    async def _record(
         self,
         endpoint: EndpointConfig,
         state: EndpointState,
@@ -200,7 +200,8 @@ class Deliverer:
         now = self.clock.time()
         ctx = _context(endpoint, d)
         if outcome.error is None:
-            if self.store.record_attempt(
+            if await self.store.run(
+                self.store.record_attempt,
                 d.id,
                 now=now,
                 duration=duration,
@@ -225,7 +226,8 @@ class Deliverer:
         deferral = outcome.status in (429, 503) and outcome.retry_after is not None
         attempts = d.attempts + (0 if deferral else 1)
         if not deferral and attempts >= endpoint.max_attempts:
-            if self.store.record_attempt(
+            if await self.store.run(
+                self.store.record_attempt,
                 d.id,
                 now=now,
                 duration=duration,
@@ -241,7 +243,8 @@ class Deliverer:
             delay = max(delay, min(outcome.retry_after, MAX_DEFERRAL))
         if state.probing:
             state.probe_at = max(state.probe_at, now + delay)
-        if not self.store.record_attempt(
+        if not await self.store.run(
+            self.store.record_attempt,
             d.id,
             now=now,
             duration=duration,

@@ -121,7 +121,7 @@ class Poller:
                 self._wake.clear()
                 now, wall = self.clock.monotonic(), self.clock.time()
                 if now >= expiry_due:
-                    self._expire(wall)
+                    await self._expire(wall)
                     expiry_due = now + EXPIRY_SECONDS
                 timeout = expiry_due - now
                 for key in self.keys:
@@ -149,10 +149,13 @@ class Poller:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _expire(self, wall: float) -> None:
+    async def _expire(self, wall: float) -> None:
         for name, pc in self.config.providers.items():
             try:
-                for job in self.store.expire_jobs(name, wall - pc.max_job_age, wall):
+                expired = await self.store.run(
+                    self.store.expire_jobs, name, wall - pc.max_job_age, wall
+                )
+                for job in expired:
                     log.warning("job expired", extra={"provider": name, "job": job.doc_id})
             except StoreError as exc:
                 log.error("cannot expire jobs: %s", exc, extra={"provider": name})
@@ -195,7 +198,9 @@ class Poller:
         ctx.update(provider=job.provider, job=job.doc_id)
         if wall - job.submitted_at >= pc.max_job_age:
             key.unused(slot)
-            self.store.end_job(job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed")
+            await self.store.run(
+                self.store.end_job, job.id, JobState.EXPIRED, now=wall, detail="max_job_age passed"
+            )
             log.warning("job expired", extra=ctx)
             return None
         upstream = Upstream(
@@ -209,9 +214,9 @@ class Poller:
             self._refused(key, pc, str(exc), ctx, sent_at)
             return Next(job.next_poll_at, job.next_poll_at)
         except NotFound as exc:
-            return self._not_found(job, pc, exc, ctx)
+            return await self._not_found(job, pc, exc, ctx)
         except ProviderError as exc:
-            return self._failed(job, pc, exc, ctx)
+            return await self._failed(job, pc, exc, ctx)
         finally:
             if not upstream.prepaid_used:
                 key.unused(slot)  # the provider never sent: give the slot back
@@ -219,11 +224,11 @@ class Poller:
             log.warning("API key accepted again: jobs resume", extra={"provider": pc.name})
         now = self.clock.time()
         if isinstance(outcome, Finished):
-            self._finish(job, pc, outcome, now)
+            await self._finish(job, pc, outcome, now)
             return None
-        return self._progress(key, job, pc, outcome, now)
+        return await self._progress(key, job, pc, outcome, now)
 
-    def _progress(
+    async def _progress(
         self, key: Key, job: Job, pc: ProviderConfig, outcome: Progress, now: float
     ) -> Next:
         """Not finished: due again after the cadence's delay, never sooner than poll_interval or
@@ -239,7 +244,8 @@ class Poller:
         if not outcome.finishing:  # a race, not a wait: the answer's max-age does not apply
             soonest = max(soonest, outcome.min_interval or 0.0)
         due = now + max(interval, soonest)
-        self.store.record_poll(
+        await self.store.run(
+            self.store.record_poll,
             job.id,
             now=now,
             http_status=outcome.http_status,
@@ -253,17 +259,20 @@ class Poller:
         )
         return Next(due, now + soonest, soonest)
 
-    def _not_found(
+    async def _not_found(
         self, job: Job, pc: ProviderConfig, exc: NotFound, ctx: dict[str, object]
     ) -> Next | None:
         """A 404: polled again at poll_interval until it is confirmed, then `unknown`."""
         now = self.clock.time()
         if job.not_found + 1 >= NOT_FOUND_CONFIRMATIONS:
-            self.store.end_job(job.id, JobState.UNKNOWN, now=now, detail=str(exc))
+            await self.store.run(
+                self.store.end_job, job.id, JobState.UNKNOWN, now=now, detail=str(exc)
+            )
             log.warning("job unknown to the provider", extra=ctx)
             return None
         due = now + pc.poll_interval
-        self.store.record_poll(
+        await self.store.run(
+            self.store.record_poll,
             job.id,
             now=now,
             http_status=404,
@@ -275,7 +284,7 @@ class Poller:
         )
         return Next(due, due, pc.poll_interval)
 
-    def _failed(
+    async def _failed(
         self, job: Job, pc: ProviderConfig, exc: ProviderError, ctx: dict[str, object]
     ) -> Next:
         """No usable answer: polled again after a backoff that grows with each failure."""
@@ -283,7 +292,8 @@ class Poller:
         errors = job.errors + 1
         due = now + poll_backoff(errors, pc.poll_interval)
         log.warning("poll failed (%d in a row): %s", errors, exc, extra=ctx)
-        self.store.record_poll(
+        await self.store.run(
+            self.store.record_poll,
             job.id,
             now=now,
             http_status=None,
@@ -296,14 +306,15 @@ class Poller:
         )
         return Next(due, due, due - now)
 
-    def _finish(self, job: Job, pc: ProviderConfig, outcome: Finished, now: float) -> None:
+    async def _finish(self, job: Job, pc: ProviderConfig, outcome: Finished, now: float) -> None:
         targets = job.endpoints if job.endpoints is not None else pc.endpoints
         deliveries = route(outcome.events, targets, self.config.endpoints)
         ran_for = None
         if outcome.succeeded:
             # it finished between the previous poll (or submission) and this one
             ran_for = max(0.0, (max(job.updated_at, job.submitted_at) + now) / 2 - job.submitted_at)
-        if not self.store.finish_job(
+        if not await self.store.run(
+            self.store.finish_job,
             job.id,
             now=now,
             result_status=outcome.status,

@@ -164,6 +164,13 @@ def sqlite_of(daemon: Daemon) -> SqliteStore:
     return daemon.store
 
 
+async def on_writer(daemon: Daemon, sql: str) -> list[Any]:
+    """Run `sql` on the connection the daemon writes with, in its writer thread (a pragma
+    there, such as query_only, is what breaks the daemon's writes)."""
+    store = sqlite_of(daemon)
+    return await store.run(lambda: store._conn.execute(sql).fetchall())
+
+
 def states(daemon: Daemon) -> dict[str, int]:
     return totals(daemon.store.job_counts())
 

@@ -125,19 +125,19 @@ class FakeBackend:
     ) -> tuple[list[Delivery], int]:
         return [], 0
 
-    def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
+    async def redeliver_dead(self, *, endpoint: str | None, since: float | None) -> int:
         return 0
 
     def requests_per_window(self) -> dict[str, list[tuple[float, int, int]]]:
         return {}
 
-    def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
+    async def redeliver(self, provider: str, doc_id: str) -> tuple[Job, int] | None:
         job = self.jobs.get((provider, doc_id))
         if job is None:
             return None
         return job, self.redeliverable.get((provider, doc_id), 0)
 
-    def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
+    async def cancel(self, provider: str, doc_id: str) -> tuple[Job, bool] | None:
         job = self.jobs.get((provider, doc_id))
         if job is None:
             return None
@@ -152,7 +152,7 @@ class FakeBackend:
     def health_problem(self) -> str | None:
         return self.health
 
-    def readiness_problems(self) -> list[str]:
+    async def readiness_problems(self) -> list[str]:
         return list(self.problems)
 
     def degraded(self) -> list[str]:

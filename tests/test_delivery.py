@@ -21,9 +21,9 @@ from tests.conftest import (
     config_dict,
     eventually,
     make_config,
+    on_writer,
     running,
     settled,
-    sqlite_of,
     states,
 )
 from tests.db import integrity_check
@@ -194,12 +194,11 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         await api(daemon, "POST", "/v1/jobs", {"docId": "stored-before"})
-        db = sqlite_of(daemon)._db
         if fault == "full":
-            pages = db.execute("PRAGMA page_count").fetchone()[0]
-            db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on
+            [(pages,)] = await on_writer(daemon, "PRAGMA page_count")
+            await on_writer(daemon, f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here
         else:
-            db.execute("PRAGMA query_only = ON")  # SQLITE_READONLY from here on
+            await on_writer(daemon, "PRAGMA query_only = ON")  # SQLITE_READONLY from here on
         filler = [{"docId": f"fill-{i}", "metadata": {"pad": "x" * 2000}} for i in range(40)]
         status, answer = await api(daemon, "POST", "/v1/jobs", filler)
         assert status == 503
@@ -210,8 +209,8 @@ async def test_disk_full_refuses_intake_and_harms_nothing(
         assert spool_file.exists()
         _, health = await api(daemon, "GET", "/healthz")
         assert health == {"status": "ok"}
-        db.execute("PRAGMA max_page_count = 1073741823")  # space again
-        db.execute("PRAGMA query_only = OFF")
+        await on_writer(daemon, "PRAGMA max_page_count = 1073741823")  # space again
+        await on_writer(daemon, "PRAGMA query_only = OFF")
         daemon.spool.scan()
         assert not spool_file.exists()
         await eventually(lambda: settled(daemon, 41), timeout=15)

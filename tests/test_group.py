@@ -24,8 +24,9 @@ class Recorder:
         self.batches: list[list[str]] = []
         self.error = error
 
-    def __call__(self, items: Sequence[str]) -> list[str]:
+    async def __call__(self, items: Sequence[str]) -> list[str]:
         self.batches.append(list(items))
+        await asyncio.sleep(0)  # the commit is made elsewhere: the loop goes on meanwhile
         if "bad" in items:
             raise self.error("cannot store 'bad'")
         return [item.upper() for item in items]
@@ -116,3 +117,29 @@ async def test_concurrent_api_submissions_share_transactions(
         assert [j["docId"] for j in answer["jobs"]] == [b["docId"] for b in body]
         created += [j["docId"] for j in answer["jobs"] if j["created"]]
     assert sorted(created) == sorted(stored) == sorted(f"g{i}" for i in range(31))
+
+
+async def test_callers_that_come_during_a_commit_share_the_next_one() -> None:
+    """The loop goes on while a commit is made; whoever comes meanwhile waits for it to end and
+    goes in the next commit, all together: one commit at a time, batches grow under load."""
+    release, started = asyncio.Event(), asyncio.Event()
+    batches: list[list[str]] = []
+
+    async def commit(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            started.set()
+            await release.wait()
+        return list(items)
+
+    group: GroupCommit[str, str] = GroupCommit(commit, (StoreError,))
+    first = asyncio.ensure_future(group.add(["a"]))
+    await started.wait()
+    later = [asyncio.ensure_future(group.add([x])) for x in "bcd"]
+    for _ in range(20):  # many turns: none of them starts a second commit
+        await asyncio.sleep(0)
+    assert batches == [["a"]]
+    release.set()
+    assert await first == ["a"]
+    assert [await f for f in later] == [["b"], ["c"], ["d"]]
+    assert batches == [["a"], ["b", "c", "d"]]

@@ -15,19 +15,25 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import tomli_w
 
-from relayd.config import Config
+from relayd import retention
+from relayd.config import Config, Settings
 from relayd.daemon import Daemon
+from relayd.metrics import Metrics
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.mock.net import free_port
+from relayd.models import Pruned
 from relayd.retention import (
     BATCH_TARGET,
+    FIRST_BATCH,
     MAX_BATCH,
     MAX_PASS_GAP,
     MIN_BATCH,
@@ -36,10 +42,12 @@ from relayd.retention import (
     next_batch,
     pass_gap,
 )
-from relayd.store import SqliteStore
+from relayd.store import SqliteStore, Store
+from relayd.store.sqlite_file import WAL_LIMIT
 from relayd.views import totals
 from tests.conftest import ENV, api, config_dict, eventually, make_config, running
 from tests.db import integrity_check
+from tests.fakes import FakeClock
 
 RETENTION, DEAD_RETENTION = 0.6, 1.5
 
@@ -69,6 +77,54 @@ def test_batches_grow_while_quick_and_shrink_when_slow() -> None:
     assert next_batch(64, BATCH_TARGET * 3) == 32
     assert next_batch(MAX_BATCH, 0.0) == MAX_BATCH
     assert next_batch(MIN_BATCH, 1.0) == MIN_BATCH
+
+
+class QueuedStore:
+    """A store whose writes wait a long time in a queue before they run (a busy writer
+    thread), then prune a batch quickly; time is the fake `perf_counter` both advance."""
+
+    def __init__(self, jobs: int) -> None:
+        self.left = jobs
+        self.now = 0.0
+        self.asked: list[int] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        self.now += 1.0  # a second behind the writes queued before it
+        return fn(*args, **kwargs)
+
+    def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
+        self.asked.append(limit)
+        self.now += BATCH_TARGET / 10
+        taken, self.left = min(limit, self.left), self.left - min(limit, self.left)
+        return Pruned(jobs=taken)
+
+    def trim_run_times(self, keep: int) -> int:
+        return 0
+
+
+async def test_a_batch_is_sized_by_its_own_time_not_its_wait_behind_other_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under load a batch waits behind the polls' and deliveries' commits; sized by that wait
+    batches fell to one job while the jobs to prune piled up. Quick batches grow, however long
+    they waited."""
+    store = QueuedStore(jobs=10_000)
+    fake_time = types.SimpleNamespace(perf_counter=store.perf_counter)
+    monkeypatch.setattr("relayd.retention.time", fake_time)
+    settings = types.SimpleNamespace(retention=1.0, dead_retention=1.0)
+    pruner = retention.Pruner(
+        store=cast(Store, store),
+        settings=lambda: cast(Settings, settings),
+        clock=FakeClock(),
+        metrics=Metrics(),
+    )
+    removed = await pruner.prune()
+    assert removed.jobs == 10_000
+    assert store.asked[:3] == [FIRST_BATCH, FIRST_BATCH * 2, FIRST_BATCH * 4]
+    assert len(store.asked) < 15
 
 
 # -- through the daemon ---------------------------------------------------------------------------
@@ -351,16 +407,18 @@ RATE, SECONDS, STREAM_RETENTION = 120, 6.0, 0.5  # jobs/s submitted, for how lon
 async def test_under_a_steady_stream_the_database_levels_off(
     tmp_path: Path, receiver: mock_receiver.Receiver
 ) -> None:
-    """Jobs with 40 KB transcripts, submitted at a steady rate and kept 0.5 s: the file (WAL
-    included) stops growing once retention cycles, at a size set by the jobs alive (about a
-    tenth of those relayed), not by how many were relayed. On a busy machine more jobs are
-    alive at once (each waits longer for its turn), so the size is judged against the most
-    jobs the database held at once, and every job must be gone in the end."""
+    """Jobs with 40 KB transcripts, submitted at a steady rate and kept 0.5 s: the file stops
+    growing once retention cycles, at a size set by the jobs alive (about a tenth of those
+    relayed), not by how many were relayed, and its WAL stays under WAL_LIMIT (and what 50 ms
+    adds). On a busy machine more jobs are alive at once (each waits longer for its turn), so
+    the size is judged against the most jobs the database held at once, and every job must be
+    gone in the end."""
     mock, runner, port = await mock_provider.serve(window=0.25, limit=500, ready_after=0.0)
     try:
         data = config_dict(tmp_path, port, {"app": receiver.port}, rate_limit=500)
         data["relayd"] |= {"retention": f"{STREAM_RETENTION * 1000:.0f}ms"}
-        sizes: list[tuple[float, int, int]] = []  # (when, bytes, most jobs held so far)
+        sizes: list[tuple[float, int, int]] = []  # (when, file bytes, most jobs held so far)
+        wal = 0  # the largest the WAL was
         most = 0
         async with running(make_config(data, tmp_path)) as daemon:
             loop = asyncio.get_running_loop()
@@ -377,7 +435,9 @@ async def test_under_a_steady_stream_the_database_levels_off(
                     ] == 202
                     submitted += len(batch)
                 most = max(most, sum(totals(daemon.store.job_counts()).values()))
-                sizes.append((elapsed, sum(daemon.store.disk_usage()), most))
+                file_bytes, wal_bytes = daemon.store.disk_usage()
+                sizes.append((elapsed, file_bytes, most))
+                wal = max(wal, wal_bytes)
                 await asyncio.sleep(0.05)
             await eventually(lambda: len(receiver.accepted) >= submitted * 0.95, timeout=30)
             # and retention catches up: every job goes once its time is up
@@ -392,3 +452,4 @@ async def test_under_a_steady_stream_the_database_levels_off(
     grew = max(1.0, late_most / early_most)  # more jobs alive at once than early on
     # freed pages are reused: the file follows the jobs alive, not the 57 MB relayed
     assert late <= 1.1 * early * grew, (early, late, early_most, late_most)
+    assert wal <= WAL_LIMIT + 2 * 1024 * 1024, wal

@@ -30,9 +30,9 @@ from tests.conftest import (
     config_dict,
     eventually,
     make_config,
+    on_writer,
     running,
     settled,
-    sqlite_of,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,13 +170,13 @@ async def test_readyz_probes_the_database_for_real(
     config = make_config(config_dict(tmp_path, provider.port, {"app": receiver.port}), tmp_path)
     async with running(config) as daemon:
         assert await api(daemon, "GET", "/readyz") == (200, {"status": "ready"})
-        sqlite_of(daemon)._db.execute("PRAGMA query_only = ON")  # SQLITE_READONLY from here on
+        await on_writer(daemon, "PRAGMA query_only = ON")  # SQLITE_READONLY from here on
         status, body = await api(daemon, "GET", "/readyz")
         assert status == 503
         assert body["status"] == "not ready"
         assert "the database refuses writes" in body["error"]
         assert (await api(daemon, "GET", "/healthz"))[0] == 200
-        sqlite_of(daemon)._db.execute("PRAGMA query_only = OFF")
+        await on_writer(daemon, "PRAGMA query_only = OFF")
         assert (await api(daemon, "GET", "/readyz"))[0] == 200
         daemon.draining = True  # what SIGTERM sets first
         status, body = await api(daemon, "GET", "/readyz")

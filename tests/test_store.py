@@ -4,6 +4,7 @@ migrations from its older versions)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -853,4 +854,52 @@ def test_a_serving_store_checkpoints_in_a_thread_of_its_own_and_stops_it(db_path
         assert db_path.with_name("relayd.db-wal").stat().st_size < 4 * 1024 * 1024
     finally:
         store.close()
-    assert not [t for t in threading.enumerate() if t.name == "relayd-checkpoint"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("relayd-")]
+
+
+async def test_a_serving_store_commits_in_its_writer_thread_while_the_loop_goes_on(
+    db_path: Path,
+) -> None:
+    """`run` makes a serving store's writes in the writer thread: while one is held there, the
+    event loop reads (on its own connection, the state before the commit), and once awaited
+    the commit is seen. The gate is opened by the loop: a write made on the loop would hold
+    it shut."""
+    store = SqliteStore(db_path, serving=True)
+    try:
+        gate = threading.Event()
+        threads: list[int] = []
+
+        def held_write() -> list[tuple[Any, bool]]:
+            threads.append(threading.get_ident())
+            opened = gate.wait(10)
+            assert opened, "the event loop was held while the writer worked"
+            return store.add_jobs([Submission("late", "xosum")], source="api", now=T0)
+
+        pending = asyncio.ensure_future(store.run(held_write))
+        await asyncio.sleep(0)
+        assert store.get_job("xosum", "late") is None  # read on the loop meanwhile
+        gate.set()
+        [(job, created)] = await pending
+        assert created and store.get_job("xosum", "late") == job
+        assert threads and threads[0] != threading.get_ident()
+    finally:
+        store.close()
+
+
+def test_a_serving_store_makes_the_loops_own_writes_in_its_writer_thread(db_path: Path) -> None:
+    """A write called outside `run` (the spool's intake, the CLI's nothing) still goes to the
+    writer thread and its connection, after what is queued there: two connections never
+    contend for SQLite's write lock."""
+    store = SqliteStore(db_path, serving=True)
+    try:
+        on_writer: list[str] = []
+        on_loop: list[str] = []
+        store._wdb.set_trace_callback(on_writer.append)
+        store._db.set_trace_callback(on_loop.append)
+        job_id = add(store, "x")
+        assert store.cancel(job_id, now=T0 + 1)
+        assert any(s.startswith("UPDATE jobs") for s in on_writer)
+        assert not [s for s in on_loop if s.split()[0] in ("INSERT", "UPDATE", "BEGIN")]
+        assert store.job_by_id(job_id).state == JobState.CANCELLED  # type: ignore[union-attr]
+    finally:
+        store.close()

@@ -293,7 +293,7 @@ class Console:
 
     async def redeliver(self, request: web.Request) -> web.StreamResponse:
         provider, doc_id = request.match_info["provider"], request.match_info["doc_id"]
-        done = self.backend.redeliver(provider, doc_id)
+        done = await self.backend.redeliver(provider, doc_id)
         if done is None:
             return self._error(request, 404, f"There is no job {provider}/{doc_id}.")
         job, count = done
@@ -306,7 +306,7 @@ class Console:
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         provider, doc_id = request.match_info["provider"], request.match_info["doc_id"]
-        done = self.backend.cancel(provider, doc_id)
+        done = await self.backend.cancel(provider, doc_id)
         if done is None:
             return self._error(request, 404, f"There is no job {provider}/{doc_id}.")
         job, cancelled = done
@@ -363,7 +363,7 @@ class Console:
                 since=since_text,
                 back=back,
             )
-        count = self.backend.redeliver_dead(endpoint=endpoint, since=since)
+        count = await self.backend.redeliver_dead(endpoint=endpoint, since=since)
         return self._render(request, "done.html", title="Redelivered", count=count, back=back)
 
 

@@ -8,13 +8,13 @@ is tried again in a transaction of its own, and only the one that cannot be stor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 MAX_TURNS = 8  # a bound on the wait for one more request, whatever the load
-# Items one shared transaction takes at most: the commit holds the event loop (about 0.08 ms an
-# item), so requests that came together beyond this go in the next turn. A single larger
-# request still goes in whole, in one transaction of its own.
+# Items one shared transaction takes at most (about 0.1 ms of the writer's time an item): the
+# rest waits for the next, and so do the writes of polls and deliveries queued behind it. A
+# single larger request still goes in whole, in one transaction of its own.
 MAX_GROUP = 256
 T = TypeVar("T")
 R = TypeVar("R")
@@ -25,14 +25,14 @@ class GroupCommit(Generic[T, R]):
 
     A batch opens with the first `add` and stays open, turn by turn of the event loop, while
     each turn brings someone new (MAX_TURNS at most: an aiohttp request takes a few turns from
-    its socket to its handler). The store is synchronous, so the loop is busy during a commit,
-    and requests that arrive meanwhile are read together afterwards: under load, batches grow
-    by themselves; alone, a request waits a turn or two.
+    its socket to its handler). One commit at a time: requests that arrive while one is being
+    made go together in the next, so under load batches grow by themselves; alone, a request
+    waits a turn or two.
     """
 
     def __init__(
         self,
-        commit: Callable[[Sequence[T]], list[R]],
+        commit: Callable[[Sequence[T]], Awaitable[list[R]]],
         rolled_back: tuple[type[Exception], ...],
     ) -> None:
         """`rolled_back`: errors after which `commit` has stored nothing (a retry is safe)."""
@@ -42,6 +42,7 @@ class GroupCommit(Generic[T, R]):
         self._scheduled = False
         self._seen = 0  # waiters at the last turn of the loop
         self._turns = 0
+        self._drain: asyncio.Task[None] | None = None
         self.commits = 0  # transactions, for tests and benchmarks
 
     async def add(self, items: Sequence[T]) -> list[R]:
@@ -62,27 +63,31 @@ class GroupCommit(Generic[T, R]):
             self._seen = len(self._waiting)
             loop.call_soon(self._tick, loop)
             return
-        self._flush(loop)
+        self._drain = loop.create_task(self._commit_all())
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
-        size = 0
-        while self._waiting and (not batch or size + len(self._waiting[0][0]) <= MAX_GROUP):
-            batch.append(self._waiting.pop(0))
-            size += len(batch[-1][0])
-        if self._waiting:  # the rest (and whoever comes meanwhile) at the next turn
-            loop.call_soon(self._flush, loop)
-        else:
+    async def _commit_all(self) -> None:
+        """Batch after batch, each whole requests up to MAX_GROUP items, until no one waits."""
+        try:
+            while self._waiting:
+                batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
+                size = 0
+                while self._waiting and (not batch or size + len(self._waiting[0][0]) <= MAX_GROUP):
+                    batch.append(self._waiting.pop(0))
+                    size += len(batch[-1][0])
+                await self._commit_batch(batch)
+        finally:
             self._scheduled = False
+
+    async def _commit_batch(self, batch: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
         if len(batch) == 1:
-            self._one(*batch[0])
+            await self._one(*batch[0])
             return
         try:
             self.commits += 1
-            results = self._commit([item for items, _ in batch for item in items])
+            results = await self._commit([item for items, _ in batch for item in items])
         except self._rolled_back:
             for items, future in batch:  # each alone: only what cannot be stored is refused
-                self._one(items, future)
+                await self._one(items, future)
             return
         except Exception as exc:
             for _, future in batch:
@@ -95,10 +100,10 @@ class GroupCommit(Generic[T, R]):
                 future.set_result(results[start : start + len(items)])
             start += len(items)
 
-    def _one(self, items: Sequence[T], future: asyncio.Future[list[R]]) -> None:
+    async def _one(self, items: Sequence[T], future: asyncio.Future[list[R]]) -> None:
         try:
             self.commits += 1
-            result = self._commit(items)
+            result = await self._commit(items)
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)

@@ -9,8 +9,8 @@ it; nothing is acknowledged to anyone before that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from relayd.models import (
     AttemptOutcome,
@@ -31,10 +31,18 @@ if TYPE_CHECKING:
 __all__ = ["SqliteStore", "Store", "open_store"]
 
 DATABASE = "relayd.db"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Store(Protocol):
     def close(self) -> None: ...
+
+    async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call `fn`, one of this store's methods, where the event loop need not wait for it:
+        the daemon awaits its writes (commits, pruning) through this. A store may run it in a
+        thread of its own (a serving SQLite store does) or call it there and then."""
+        ...
 
     # -- intake
 

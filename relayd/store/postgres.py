@@ -12,8 +12,8 @@ happens when the server goes away, is said in postgres_conn.py. For now one daem
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -45,6 +45,9 @@ from relayd.store.postgres_schema import (
 )
 from relayd.store.rows import JOB_COLUMNS, job_row
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 __all__ = ["PostgresStore", "conninfo_of"]
 
 Cursor = psycopg.Cursor[TupleRow]
@@ -75,6 +78,10 @@ class PostgresStore(PostgresReads):
 
     def close(self) -> None:
         self._link.close()
+
+    async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`fn(*args, **kwargs)` there and then: the connection is the event loop's."""
+        return fn(*args, **kwargs)
 
     def _migrate(self) -> None:
         """Run each schema version the database lacks, under a transaction-level advisory lock:

@@ -27,7 +27,7 @@ from relayd.models import (
     webhook_id,
 )
 from relayd.store.rows import DELIVERY_COLUMNS, DELIVERY_FROM, JOB_COLUMNS, delivery_row, job_row
-from relayd.store.sqlite_file import SqliteFile
+from relayd.store.sqlite_file import SqliteFile, writes
 
 
 class SqliteStore(SqliteFile):
@@ -35,6 +35,7 @@ class SqliteStore(SqliteFile):
 
     # -- intake ---------------------------------------------------------------------------------
 
+    @writes
     def add_jobs(
         self, subs: Sequence[Submission], *, source: str, now: float
     ) -> list[tuple[Job, bool]]:
@@ -71,17 +72,17 @@ class SqliteStore(SqliteFile):
     # -- reading --------------------------------------------------------------------------------
 
     def get_job(self, provider: str, doc_id: str) -> Job | None:
-        row = self._db.execute(
+        row = self._conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND doc_id=?", (provider, doc_id)
         ).fetchone()
         return job_row(row) if row else None
 
     def find_jobs(self, doc_id: str) -> list[Job]:
-        rows = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE doc_id=?", (doc_id,))
+        rows = self._conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE doc_id=?", (doc_id,))
         return [job_row(r) for r in rows]
 
     def job_by_id(self, job_id: int) -> Job | None:
-        row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self._conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return job_row(row) if row else None
 
     def list_jobs(
@@ -108,7 +109,7 @@ class SqliteStore(SqliteFile):
             where.append("provider=?")
             args.append(provider)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
         )
         jobs: list[Job] = []
@@ -141,14 +142,14 @@ class SqliteStore(SqliteFile):
             where.append("doc_id>=? AND doc_id<?")
             args += [q, q + "\U0010ffff"]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?", (*args, limit)
         )
         return [job_row(r) for r in rows]
 
     def polling_jobs(self) -> list[tuple[int, str, float]]:
         """(id, provider, next_poll_at) of every job still being polled, for the scheduler."""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             "SELECT id, provider, next_poll_at FROM jobs WHERE state=?", (JobState.POLLING,)
         )
         return [(r[0], r[1], r[2]) for r in rows]
@@ -156,7 +157,7 @@ class SqliteStore(SqliteFile):
     def run_times(self, limit: int = 4096) -> list[tuple[str, str | None, float | None, float]]:
         """(provider, media kind, media seconds, run seconds) of the latest finished jobs that
         can teach how long jobs take, oldest first."""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             "SELECT provider, media_kind, media_seconds, ran_for FROM run_times"
             " ORDER BY id DESC LIMIT ?",
             (limit,),
@@ -165,7 +166,7 @@ class SqliteStore(SqliteFile):
 
     def polls_for(self, job_id: int, limit: int = HISTORY_KEPT) -> list[dict[str, Any]]:
         """The polls kept (the first and the latest; `Job.polls_dropped` between them)."""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             "SELECT at, http_status, outcome, detail FROM polls WHERE job_id=?"
             " ORDER BY id DESC LIMIT ?",
             (job_id, limit),
@@ -174,7 +175,7 @@ class SqliteStore(SqliteFile):
         return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
 
     def deliveries_for(self, job_id: int) -> list[Delivery]:
-        rows = self._db.execute(
+        rows = self._conn.execute(
             f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE d.job_id=? ORDER BY d.id",
             (job_id,),
         )
@@ -183,7 +184,7 @@ class SqliteStore(SqliteFile):
     def attempts_for(self, delivery_id: int, limit: int = HISTORY_KEPT) -> list[dict[str, Any]]:
         """The attempts kept, oldest first: the first and the latest (redeliveries add
         attempts without end; `Delivery.attempts_dropped` counts those left out)."""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             "SELECT at, status, error, duration, outcome FROM attempts WHERE delivery_id=?"
             " ORDER BY id DESC LIMIT ?",
             (delivery_id, limit),
@@ -194,7 +195,7 @@ class SqliteStore(SqliteFile):
     def job_counts(self) -> dict[str, dict[str, int]]:
         """provider -> state -> count."""
         out: dict[str, dict[str, int]] = {}
-        for provider, state, n in self._db.execute(
+        for provider, state, n in self._conn.execute(
             "SELECT provider, state, n FROM job_counts WHERE n > 0"
         ):
             out.setdefault(provider, {})[state] = n
@@ -202,7 +203,7 @@ class SqliteStore(SqliteFile):
 
     def oldest_polling(self) -> dict[str, float]:
         """provider -> submitted_at of its oldest job still being polled."""
-        rows = self._db.execute(
+        rows = self._conn.execute(
             "SELECT provider, MIN(submitted_at) FROM jobs WHERE state=? GROUP BY provider",
             (JobState.POLLING,),
         )
@@ -222,8 +223,8 @@ class SqliteStore(SqliteFile):
             where.append("d.created_at>=?")
             args.append(since)
         clause = " AND ".join(where)
-        total = self._db.execute(f"SELECT COUNT(*) FROM {DELIVERY_FROM} WHERE {clause}", args)
-        rows = self._db.execute(
+        total = self._conn.execute(f"SELECT COUNT(*) FROM {DELIVERY_FROM} WHERE {clause}", args)
+        rows = self._conn.execute(
             f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE {clause}"
             " ORDER BY j.updated_at DESC, d.id DESC LIMIT ?",
             (*args, limit),
@@ -233,7 +234,7 @@ class SqliteStore(SqliteFile):
     def delivery_counts(self) -> dict[str, dict[str, int]]:
         """endpoint -> delivery state -> count."""
         out: dict[str, dict[str, int]] = {}
-        for endpoint, state, n in self._db.execute(
+        for endpoint, state, n in self._conn.execute(
             "SELECT endpoint, state, n FROM delivery_counts WHERE n > 0"
         ):
             out.setdefault(endpoint, {})[state] = n
@@ -241,6 +242,7 @@ class SqliteStore(SqliteFile):
 
     # -- budgets across restarts ------------------------------------------------------------------
 
+    @writes
     def save_budgets(self, budgets: dict[str, dict[str, Any]], *, now: float) -> None:
         """At a clean stop: each key's spent slots and 429 block, as JSON (wall-clock times)."""
         with self._write() as db:
@@ -250,6 +252,7 @@ class SqliteStore(SqliteFile):
                 [(key, json.dumps(state), now) for key, state in budgets.items()],
             )
 
+    @writes
     def take_budgets(self) -> dict[str, dict[str, Any]]:
         """Read and forget the saved budgets, so a later crash is not mistaken for a clean stop."""
         with self._write() as db:
@@ -260,7 +263,7 @@ class SqliteStore(SqliteFile):
     def recently_active(self, providers: Sequence[str], since: float) -> bool:
         """Did these providers' jobs see a poll since `since`, or is any still being polled?"""
         marks = ",".join("?" * len(providers))
-        row = self._db.execute(
+        row = self._conn.execute(
             f"SELECT 1 FROM jobs WHERE provider IN ({marks}) AND (state=? OR updated_at>=?)"
             " LIMIT 1",
             (*providers, JobState.POLLING, since),
@@ -269,6 +272,7 @@ class SqliteStore(SqliteFile):
 
     # -- polling --------------------------------------------------------------------------------
 
+    @writes
     def record_poll(
         self,
         job_id: int,
@@ -299,6 +303,7 @@ class SqliteStore(SqliteFile):
             self._poll_row(db, job_id, now, http_status, outcome, detail)
         return True
 
+    @writes
     def finish_job(
         self,
         job_id: int,
@@ -373,6 +378,7 @@ class SqliteStore(SqliteFile):
             self._poll_row(db, job_id, now, http_status, PollOutcome.FINISHED, detail)
         return True
 
+    @writes
     def end_job(self, job_id: int, state: JobState, *, now: float, detail: str) -> bool:
         """Stop polling a job (expired, unknown, cancelled). False if it was not being polled."""
         with self._write() as db:
@@ -385,8 +391,9 @@ class SqliteStore(SqliteFile):
             self._poll_row(db, job_id, now, None, PollOutcome(state), detail)
         return True
 
+    @writes
     def expire_jobs(self, provider: str, submitted_before: float, now: float) -> list[Job]:
-        rows = self._db.execute(
+        rows = self._conn.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE provider=? AND state=? AND submitted_at<?",
             (provider, JobState.POLLING, submitted_before),
         ).fetchall()
@@ -395,6 +402,7 @@ class SqliteStore(SqliteFile):
             self.end_job(job.id, JobState.EXPIRED, now=now, detail="max_job_age passed")
         return expired
 
+    @writes
     def cancel(self, job_id: int, *, now: float) -> bool:
         """Stop polling, and stop delivering anything not yet delivered."""
         with self._write() as db:
@@ -430,7 +438,7 @@ class SqliteStore(SqliteFile):
     # -- delivery -------------------------------------------------------------------------------
 
     def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[Delivery]:
-        rows = self._db.execute(
+        rows = self._conn.execute(
             f"SELECT {DELIVERY_COLUMNS} FROM {DELIVERY_FROM} WHERE d.endpoint=? AND d.state=?"
             " AND d.next_attempt_at<=? ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (endpoint, DeliveryState.PENDING, now, limit),
@@ -439,13 +447,14 @@ class SqliteStore(SqliteFile):
 
     def next_delivery_at(self, endpoint: str, after: float) -> float | None:
         """The earliest pending delivery due later than `after` (those due now are in hand)."""
-        row = self._db.execute(
+        row = self._conn.execute(
             "SELECT MIN(next_attempt_at) FROM deliveries WHERE endpoint=? AND state=?"
             " AND next_attempt_at>?",
             (endpoint, DeliveryState.PENDING, after),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
+    @writes
     def record_attempt(
         self,
         delivery_id: int,
@@ -506,6 +515,7 @@ class SqliteStore(SqliteFile):
             (final, now, job_id, JobState.DELIVERING),
         )
 
+    @writes
     def redeliver(
         self,
         *,

@@ -5,29 +5,63 @@ giving space back. `SqliteStore` (sqlite.py) holds the queries about jobs on top
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from relayd.errors import StoreError
 from relayd.models import ENDED_JOB_STATES, JobState, Pruned
 from relayd.store.sqlite_schema import INDEXES, SCHEMA
 
-WAL_LIMIT = 16 * 1024 * 1024  # bytes a WAL file is cut back to after a checkpoint
+# Bytes of WAL the serving store lets pile up. A WAL starts over only at a moment when no reader
+# is in it; with the event loop reading while the writer thread writes, such moments can be
+# missed for a while, and each miss leaves the file larger for good (SQLite reuses it, never
+# shrinks it, below journal_size_limit). Past this size the checkpoint thread waits for the
+# readers (milliseconds) and truncates it: the WAL stays under this plus 50 ms of writes.
+WAL_LIMIT = 4 * 1024 * 1024
 # The commit that takes the WAL past this many pages copies them into the database first, on
 # the event loop: 1 MB at a time, not SQLite's 4 MB (with 40 KB rows, the longest commit went
 # from 15 ms to 5 ms; benchmarks/README.md, "Soak").
 CHECKPOINT_PAGES = 250
 ASSIST_EVERY = 0.05  # seconds between the serving store's background checkpoints
 
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound="SqliteFile")
+
+
+def writes(method: Callable[Concatenate[F, P], R]) -> Callable[Concatenate[F, P], R]:
+    """Marks a method that writes: in a serving store it runs in the writer thread, on the
+    writer's connection. Called from another thread (the event loop's, for the few writes
+    that are not awaited through `run`), it waits there for its turn, so that two connections
+    never contend for SQLite's write lock."""
+
+    @functools.wraps(method)
+    def wrapper(self: F, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._writer is None or threading.get_ident() == self._writer_ident:
+            return method(self, *args, **kwargs)
+        return self._writer.submit(method, self, *args, **kwargs).result()
+
+    return wrapper
+
 
 class SqliteFile:
     """One SQLite database file (WAL mode, synchronous commits for what is acknowledged).
 
-    `serving=True` (the daemon) adds a checkpoint thread. The commit that crosses
+    `serving=True` (the daemon) adds a writer thread and a checkpoint thread. The writer
+    thread owns a connection of its own and makes every change (`writes`), so the event loop
+    never waits for a commit's fsync, a checkpoint or a pruning batch: it awaits them through
+    `run` and reads on its own connection meanwhile (WAL: readers never wait for the writer,
+    and see each commit once it is made). The soak found those waits to be the loop's longest
+    stalls, 50-100 ms under a saturated disk (benchmarks/README.md, "Soak").
+
+    The checkpoint thread: the commit that crosses
     CHECKPOINT_PAGES still checkpoints, as SQLite does, because only a checkpoint made between
     two commits of the writer lets the next one start the WAL over (else it grows without
     bound). But by then the thread has already copied nearly every page and synced the file,
@@ -40,6 +74,8 @@ class SqliteFile:
         self.path = path
         self._assist: threading.Thread | None = None
         self._stop_assist = threading.Event()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_ident: int | None = None
         try:
             if readonly:
                 uri = path.absolute().as_uri() + "?mode=ro"  # as_uri escapes '#', '?', '%'
@@ -51,22 +87,17 @@ class SqliteFile:
                 # said before WAL mode and the first table. An older file keeps its mode.
                 self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._db.execute("PRAGMA journal_mode=WAL")
-                # after a checkpoint, a WAL that grew (a reader held it back) shrinks to this
-                self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-                # Deleted rows are zeroed only where that costs no extra writes: zeroing every
-                # freed page of a 40 KB transcript made pruning ten times slower (SECURE_DELETE
-                # is compiled in on Debian). The bytes stay in free pages until they are reused
-                # or `relayd vacuum` gives them back.
-                self._db.execute("PRAGMA secure_delete=FAST")
-                self._db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            # big sorts and temp tables stay in memory: on a read-only root filesystem (a
-            # container) there is no writable temp directory, and SQLite would fail with EIO
-            self._db.execute("PRAGMA temp_store=MEMORY")
+            configure(self._db, readonly=readonly)
+            self._wdb = self._db
             if not readonly:
                 self._migrate()
             if serving and not readonly:
+                self._wdb = sqlite3.connect(
+                    path, isolation_level=None, timeout=5.0, check_same_thread=False
+                )
+                configure(self._wdb, readonly=False)
+                self._writer = ThreadPoolExecutor(1, "relayd-writer", self._writer_started)
+                self._writer.submit(lambda: None).result()  # the thread is there, its id known
                 assist = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 self._assist = threading.Thread(
                     target=self._checkpoints, args=(assist,), name="relayd-checkpoint"
@@ -76,18 +107,43 @@ class SqliteFile:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # what was asked is done first
+            self._writer = None
+            self._wdb.close()
         if self._assist is not None:
             self._stop_assist.set()
             self._assist.join()
         self._db.close()
 
+    def _writer_started(self) -> None:
+        self._writer_ident = threading.get_ident()
+
+    async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`fn(*args, **kwargs)`, one of this store's methods, in the writer thread when there
+        is one (a serving store), so that the event loop goes on meanwhile; else here."""
+        if self._writer is None:
+            return fn(*args, **kwargs)
+        return await asyncio.wrap_future(self._writer.submit(fn, *args, **kwargs))
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The connection of the thread that asks: the writer's in the writer thread."""
+        if self._writer_ident is not None and threading.get_ident() == self._writer_ident:
+            return self._wdb
+        return self._db
+
     def _checkpoints(self, db: sqlite3.Connection) -> None:
         """The checkpoint thread: a passive checkpoint every ASSIST_EVERY seconds (one with
-        nothing new to copy costs a lock and a read); a failed one is tried again next time."""
+        nothing new to copy costs a lock and a read), a truncating one when the WAL has grown
+        past WAL_LIMIT (it holds the writer thread, not the event loop, while it waits for
+        readers); a failed one is tried again next time."""
+        wal = self.path.with_name(self.path.name + "-wal")
         try:
             while not self._stop_assist.wait(ASSIST_EVERY):
-                with suppress(sqlite3.Error):
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                with suppress(sqlite3.Error, OSError):
+                    mode = "TRUNCATE" if wal.stat().st_size > WAL_LIMIT else "PASSIVE"
+                    db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         finally:
             db.close()
 
@@ -113,25 +169,26 @@ class SqliteFile:
         the change survives relayd being killed, and a power cut can only drop the newest such
         commits, never one made before the next synced commit. For changes nobody is told about.
         """
+        db = self._conn
         if not synced:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=NORMAL")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
         try:
-            yield self._db
-            self._db.execute("COMMIT")
+            yield db
+            db.execute("COMMIT")
         except BaseException as exc:
-            if self._db.in_transaction:
+            if db.in_transaction:
                 with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(str(exc)) from exc
             raise
         finally:
             if not synced:
-                self._db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA synchronous=FULL")
 
     def disk_usage(self) -> tuple[int, int]:
         """Bytes on disk: (the database file, its WAL)."""
@@ -143,6 +200,7 @@ class SqliteFile:
                 sizes.append(0)
         return sizes[0], sizes[1]
 
+    @writes
     def probe_write(self, now: float) -> None:
         """A real (unsynced) write: raises StoreError when the disk is full or read-only."""
         with self._write(synced=False) as db:
@@ -150,6 +208,7 @@ class SqliteFile:
 
     # -- retention ------------------------------------------------------------------------------
 
+    @writes
     def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
         """Delete up to `limit` jobs whose time is up, with their polls, deliveries and
         attempts, in one transaction: ended (delivered, failed, expired, unknown, cancelled)
@@ -187,6 +246,7 @@ class SqliteFile:
             db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
             return Pruned(len(ids), polls.rowcount, deliveries.rowcount, attempts)
 
+    @writes
     def trim_run_times(self, keep: int) -> int:
         """Forget all but the latest `keep` run times; how many were forgotten."""
         with self._write(synced=False) as db:
@@ -240,6 +300,24 @@ class SqliteFile:
             self._db.execute("VACUUM")
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
+
+
+def configure(db: sqlite3.Connection, *, readonly: bool) -> None:
+    """The pragmas every connection of relayd's says for itself."""
+    if not readonly:
+        # after a checkpoint, a WAL that grew (a reader held it back) shrinks to this
+        db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        # Deleted rows are zeroed only where that costs no extra writes: zeroing every freed
+        # page of a 40 KB transcript made pruning ten times slower (SECURE_DELETE is compiled
+        # in on Debian). The bytes stay in free pages until they are reused or `relayd vacuum`
+        # gives them back.
+        db.execute("PRAGMA secure_delete=FAST")
+        db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    # big sorts and temp tables stay in memory: on a read-only root filesystem (a container)
+    # there is no writable temp directory, and SQLite would fail with EIO
+    db.execute("PRAGMA temp_store=MEMORY")
 
 
 def statements(script: str) -> Iterator[str]:
