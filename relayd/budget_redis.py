@@ -20,13 +20,13 @@ Import this module only when `shared_budget` is set: redis-py is an optional ext
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
 from relayd.budget import BURST_SHARE
+from relayd.budget_grants import Denied, Grant
 from relayd.errors import SharedBudgetUnavailable
 
 EPOCH_TTL = 7 * 24 * 3600  # seconds the reset marker outlives the key's last use
@@ -208,18 +208,6 @@ return {
   redis.call('EXISTS', K_epoch),
 }
 """
-
-
-@dataclass(frozen=True)
-class Grant:
-    slot: str  # an opaque slot id to pass to release()/unused()
-
-
-@dataclass(frozen=True)
-class Denied:
-    wait: float  # seconds (Redis clock) until asking again may succeed; the caller sleeps this
-    # "blocked: <429 reason>" | "budget" | "pacing" | "fair share" | "settling after a reset"
-    reason: str
 
 
 def _text(value: Any) -> str:

@@ -16,24 +16,27 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import redis.asyncio
-
-from relayd.budget_redis import Denied, SharedBudget
+from relayd.budget_grants import Denied, KeyBudget
 from relayd.clock import Clock, SystemClock
 from relayd.errors import SharedBudgetUnavailable
 
 log = logging.getLogger("relayd.budget_shared")
 
 
+if TYPE_CHECKING:
+    from relayd.budget_redis import SharedBudget
+
+
 class SharedGrants:
     def __init__(
         self,
-        budget: SharedBudget,
+        budget: KeyBudget,
         *,
         where: str,
+        keeper: str = "redis",
         providers: Callable[[], list[str]],
         on_grant: Callable[[], None],
         retry: float,
@@ -41,7 +44,8 @@ class SharedGrants:
     ) -> None:
         self.budget = budget
         self._clock = clock
-        self.where = where  # the Redis address, without credentials, for messages
+        self.where = where  # the keeper's address, without credentials, for messages
+        self.keeper = keeper  # what keeps the budget: "redis" or "store"
         self._providers = providers
         self._on_grant = on_grant
         self.retry = retry  # seconds between attempts to reach Redis again
@@ -190,7 +194,7 @@ class SharedGrants:
 
     def status(self) -> dict[str, Any]:
         return {
-            "redis": self.where,
+            self.keeper: self.where,
             "reachable": self.unreachable_since is None,
             "unreachable_since": self.unreachable_since,
             "error": self.error or None,
@@ -212,6 +216,8 @@ class SharedBudgets:
     """One Redis connection for every key of this relayd; one SharedGrants per key."""
 
     def __init__(self, url: str, *, retry: float = 1.0, clock: Clock | None = None) -> None:
+        import redis.asyncio  # the optional redis extra
+
         self._clock: Clock = clock or SystemClock()
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -224,7 +230,7 @@ class SharedBudgets:
 
     def grants(
         self,
-        budget: SharedBudget,
+        budget: KeyBudget,
         *,
         providers: Callable[[], list[str]],
         on_grant: Callable[[], None],
@@ -240,6 +246,8 @@ class SharedBudgets:
 
     def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> SharedBudget:
         """Keyed by a hash of the API key: the key itself never reaches Redis."""
+        from relayd.budget_redis import SharedBudget
+
         digest = hashlib.sha256(api_key.encode()).hexdigest()
         return SharedBudget(
             self.client, digest, limit=limit, window=window, lease=lease, instance=self.instance

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     cmd("check-config", cmd_check_config, "validate and print the effective config")
     cmd("vacuum", cmd_vacuum, "give the database's free space back to the file system")
+    sp = cmd("migrate-store", cmd_migrate_store, "copy the SQLite jobs into the PostgreSQL store")
+    sp.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="the SQLite file (default state_dir/relayd.db)",
+    )
     sp = cmd("mock-provider", cmd_mock_provider, "a local fake of the providers' APIs", False)
     sp.add_argument("--port", type=int, default=8900)
     sp.add_argument(
@@ -542,6 +549,41 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     store.checkpoint()
     after = sum(store.disk_usage())
     print(f"database {_bytes(before)} -> {_bytes(after)} ({page}-byte pages)")
+    return 0
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Copy state_dir/relayd.db (or --from) into the PostgreSQL store the config names, with
+    relayd stopped; see relayd/store/migrate.py."""
+    from pathlib import Path
+
+    from relayd.errors import StoreError
+    from relayd.store import DATABASE
+
+    config = _config(args)
+    if not config.settings.store:
+        raise CliError('store is not set: point it at PostgreSQL first (store = "postgresql://…")')
+    try:
+        asyncio.run(_api(config, "GET", "/healthz"))
+    except CliError:
+        pass  # nobody answers: stopped, as it must be
+    else:
+        raise CliError("relayd is running: stop it (systemctl stop relayd) and migrate then")
+    source = Path(args.source) if args.source else config.settings.state_dir / DATABASE
+    store = _open_store(config, write=True)
+    try:
+        from relayd.store.migrate import migrate
+
+        copied = migrate(source, store)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    print(
+        f"copied {copied['jobs']} job(s) and {copied['deliveries']} delivery(ies) from {source}"
+        f" to {store.where}; {source.name} is left as it was: start relayd, check"
+        " `relayd status`, then remove it"
+    )
     return 0
 
 

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +47,10 @@ from relayd.retention import Pruner
 from relayd.sdnotify import Notifier
 from relayd.store import Store, open_store
 from relayd.views import job_detail, status_from_store, totals
+
+if TYPE_CHECKING:
+    from relayd.budget_grants import Budgets
+    from relayd.claimer import Claimer
 
 log = logging.getLogger("relayd.daemon")
 
@@ -89,6 +93,7 @@ class Daemon:
         self.deliverer: Deliverer
         self.spool: Spool
         self.pruner: Pruner
+        self.claimer: Claimer | None = None  # with a shared store
 
     # -- intake (one path for spool and API) ----------------------------------------------------
 
@@ -120,6 +125,10 @@ class Daemon:
         return stored
 
     def _schedule(self, stored: list[tuple[Job, bool]]) -> None:
+        if self.claimer is not None:  # a shared store: the job goes to whoever claims it
+            if any(created for _, created in stored):
+                self.claimer.wake()
+            return
         for job, created in stored:
             if created:
                 self.poller.add(job)
@@ -136,7 +145,6 @@ class Daemon:
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
         config = self.config
         settings = config.settings
-        # PostgreSQL: refused (StoreError; `relayd run` exits 1) while another relayd holds it
         self.store = open_store(settings, serving=True)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), headers={"User-Agent": f"relayd/{__version__}"}
@@ -144,11 +152,23 @@ class Daemon:
         self.deliverer = Deliverer(
             config=config, store=self.store, session=session, clock=self.clock, metrics=self.metrics
         )
-        shared = None
+        shared: Budgets | None = None
         if settings.shared_budget:
             from relayd.budget_shared import SharedBudgets  # needs the optional redis extra
 
             shared = SharedBudgets(settings.shared_budget, clock=self.clock)
+        elif self.store.shared:  # the budget lives in the store the relays share
+            from relayd.budget_pg import StoreBudgets
+            from relayd.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore) and self.store.relay is not None
+            shared = StoreBudgets(
+                self.store.conninfo,
+                where=self.store.where,
+                instance=self.store.relay,
+                safe=self.store.safe,
+                clock=self.clock,
+            )
         self.poller = Poller(
             shared=shared,
             config=config,
@@ -159,6 +179,12 @@ class Daemon:
             metrics=self.metrics,
             on_finished=self.deliverer.wake,
         )
+        if self.store.shared:
+            from relayd.claimer import Claimer
+            from relayd.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            self.claimer = Claimer(self.store, self.poller, on_delivery=self.deliverer.wake)
         self.pruner = Pruner(
             store=self.store,
             settings=lambda: self.config.settings,
@@ -187,6 +213,7 @@ class Daemon:
                     ("spool", self.spool.run()),
                     ("retention", self.pruner.run()),
                     ("watchdog", self._watchdog()),
+                    *([("claimer", self.claimer.run())] if self.claimer is not None else []),
                 ):
                     self._tasks[name] = tg.create_task(coro, name=name)
                 self.ready.set()
@@ -262,6 +289,8 @@ class Daemon:
         self.pruner.stop()
         self.poller.stop()
         self.deliverer.stop()
+        if self.claimer is not None:
+            self.claimer.stop()
         cut = await self.deliverer.drain(self.drain_seconds)
         self._tasks["watchdog"].cancel()
         tasks = list(self._tasks.values())
@@ -270,10 +299,13 @@ class Daemon:
             log.warning("loop %s did not stop in time; cancelled", task.get_name())
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        try:
-            self.poller.keys.save(self.store)
-        except StoreError as exc:
-            log.error("cannot save budgets (the next start waits one window): %s", exc)
+        if self.claimer is not None:
+            await self.claimer.leave()
+        else:
+            try:
+                self.poller.keys.save(self.store)
+            except StoreError as exc:
+                log.error("cannot save budgets (the next start waits one window): %s", exc)
         try:
             in_flight = totals(self.store.job_counts()).get(JobState.POLLING, 0)
             pending_deliveries = totals(self.store.delivery_counts()).get("pending", 0)
@@ -343,8 +375,12 @@ class Daemon:
         return None
 
     def degraded(self) -> list[str]:
-        """What works in a reduced way but needs no restart nor less traffic (Redis away)."""
-        return self.poller.keys.shared_problems()
+        """What works in a reduced way but needs no restart nor less traffic (Redis away, or a
+        shared store that does not answer: other relays take this one's work after its lease)."""
+        problems = self.poller.keys.shared_problems()
+        if self.claimer is not None and self.claimer.error is not None:
+            problems.append(f"the store is unreachable: {self.claimer.error}")
+        return problems
 
     async def readiness_problems(self) -> list[str]:
         """Why relayd should not be sent work now (empty: ready). Probes the database for real."""
@@ -473,6 +509,11 @@ class Daemon:
         info["uptime"] = round(self.clock.time() - self.started_at, 3)
         info["intake_error"] = self.spool.error
         info["store"]["retention"] = self.pruner.status()
+        if self.claimer is not None:
+            from relayd.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            info["store"]["relays"] = {**self.claimer.status(), "seen": self.store.relays()}
         await self.poller.keys.shared_status(info["providers"])
         return info
 

@@ -27,7 +27,8 @@ from relayd.config import Config
 from relayd.scheduler import Schedule
 
 if TYPE_CHECKING:  # redis-py is an optional extra: imported only when it is used
-    from relayd.budget_shared import SharedBudgets, SharedGrants
+    from relayd.budget_grants import Budgets
+    from relayd.budget_shared import SharedGrants
     from relayd.store import Store
 
 log = logging.getLogger("relayd.keys")
@@ -133,6 +134,15 @@ class Key:
             self.schedule.add(job_id, due)
             self._delays.setdefault(job_id, delay)
             self.wake()
+
+    def forget(self, job_id: int) -> None:
+        """Stop polling a job (another relay has it now); one in flight ends its poll."""
+        self.schedule.discard(job_id)
+        self._delays.pop(job_id, None)
+
+    def scheduled(self) -> list[int]:
+        """The jobs waiting for their next poll (none in flight)."""
+        return list(self.schedule._due)
 
     @property
     def jobs(self) -> int:
@@ -303,9 +313,7 @@ class Key:
 class Keys:
     """Every API key of the config, found by key or by provider name."""
 
-    def __init__(
-        self, *, clock: Clock, notify: Callable[[], None], shared: SharedBudgets | None
-    ) -> None:
+    def __init__(self, *, clock: Clock, notify: Callable[[], None], shared: Budgets | None) -> None:
         self._clock = clock
         self._notify = notify
         self._shared = shared
@@ -356,7 +364,7 @@ class Keys:
                 task.add_done_callback(self._closing.discard)
 
     @staticmethod
-    def _share(key: Key, shared: SharedBudgets, config: Config) -> None:
+    def _share(key: Key, shared: Budgets, config: Config) -> None:
         """The key's grants from the shared budget, for its (possibly reloaded) limit."""
         pcs = [config.providers[name] for name in key.providers]
         budget = shared.budget(

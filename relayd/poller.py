@@ -30,7 +30,7 @@ from relayd.routing import route
 from relayd.store import Store
 
 if TYPE_CHECKING:  # redis-py is an optional extra
-    from relayd.budget_shared import SharedBudgets
+    from relayd.budget_grants import Budgets
 
 log = logging.getLogger("relayd.poller")
 
@@ -50,7 +50,7 @@ class Poller:
         clock: Clock,
         metrics: Metrics,
         on_finished: Callable[[], None],
-        shared: SharedBudgets | None = None,
+        shared: Budgets | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -65,6 +65,9 @@ class Poller:
         self.keys = Keys(clock=clock, notify=self._wake.set, shared=shared)
         self.keys.configure(config)
         self.run_times = RunTimes()
+        # on a shared store, the jobs this relay owns (relayd/claimer.py adopts and disowns
+        # them); None: every job in the store is this relay's
+        self.owned: set[int] | None = set() if store.shared else None
 
     def reconfigure(self, config: Config, providers: Mapping[str, Provider]) -> None:
         """Apply a reloaded config: new providers and keys take effect, jobs are kept."""
@@ -77,12 +80,56 @@ class Poller:
 
     def load(self) -> int:
         """Schedule every job the store says is still being polled (start-up recovery), and
-        recall how long recent jobs took and what the keys spent before a clean stop."""
-        self.keys.restore(self.store)
+        recall how long recent jobs took and what the keys spent before a clean stop. On a
+        shared store the jobs come as they are claimed, and the budget is the store's."""
         self.run_times.seed(self.store.run_times())
+        if self.owned is not None:
+            return 0
+        self.keys.restore(self.store)
         return self._schedule_all()
 
+    def adopt(self, jobs: list[tuple[int, str, float]]) -> None:
+        """Jobs this relay now owns (id, provider, due): schedule them, due now at the latest.
+        Their due times were set by the clocks of other relays, which may be minutes off this
+        one's: a job that changes hands is polled at its first turn, and its cadence goes on
+        from there by this relay's clock."""
+        assert self.owned is not None
+        wall = self.clock.time()
+        for job_id, provider, due in jobs:
+            key = self.keys.of(provider)
+            if key is not None:
+                self.owned.add(job_id)
+                key.add(job_id, min(due, wall), self.config.providers[provider].poll_interval)
+        self.wake()
+
+    def disown(self, ids: set[int]) -> None:
+        """Jobs another relay owns now: no longer polled here."""
+        assert self.owned is not None
+        self.owned -= ids
+        for key in self.keys:
+            for job_id in ids:
+                key.forget(job_id)
+
+    def give_back(self, count: int) -> list[int]:
+        """Up to `count` scheduled jobs (not in flight) dropped, for other relays to claim."""
+        assert self.owned is not None
+        given: list[int] = []
+        for key in self.keys:
+            for job_id in key.scheduled()[: count - len(given)]:
+                key.forget(job_id)
+                given.append(job_id)
+        self.owned -= set(given)
+        return given
+
     def _schedule_all(self) -> int:
+        if self.owned is not None:
+            count = 0
+            for job_id, provider, due in self.store.polling_jobs():
+                if job_id in self.owned and (key := self.keys.of(provider)) is not None:
+                    key.add(job_id, due, self.config.providers[provider].poll_interval)
+                    count += 1
+            self.wake()
+            return count
         count = 0
         orphans: set[str] = set()
         for job_id, provider, due in self.store.polling_jobs():
@@ -174,6 +221,11 @@ class Poller:
             log.exception("poll failed unexpectedly", extra=ctx)
             after = self._retry_soon()
         finally:
+            if self.owned is not None:
+                if job_id not in self.owned:
+                    after = None  # another relay has it now
+                elif after is None:
+                    self.owned.discard(job_id)  # no longer polled
             key.done(job_id, after, keep=not self._stopping)
 
     def _retry_soon(self) -> Next:
@@ -187,7 +239,11 @@ class Poller:
         return when it is due again, or None when it is no longer polled. `ctx` gets the job's
         log context once the job is read."""
         wall = self.clock.time()
-        job = self.store.job_by_id(job_id)
+        try:
+            job = self.store.job_by_id(job_id)
+        except StoreError:
+            key.unused(slot)  # nothing was sent: the slot must not stay taken for good
+            raise
         provider = self.providers.get(job.provider) if job else None
         if job is None or job.state != JobState.POLLING or provider is None:
             key.unused(slot)

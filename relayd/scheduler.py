@@ -40,6 +40,11 @@ class Schedule:
         start = due if ready is None else min(ready, due)
         heapq.heappush(self._waiting, (start, seq, job_id))
 
+    def discard(self, job_id: int) -> None:
+        """Forget a job (its heap entries go lazily)."""
+        if self._due.pop(job_id, None) is not None:
+            del self._entry[job_id]
+
     def _live(self, entry: tuple[float, int, int]) -> bool:
         return self._entry.get(entry[2]) == entry[1]
 

@@ -1,7 +1,6 @@
 """relayd on a PostgreSQL store, end to end: the daemon relays jobs kept there and nothing in
-SQLite; a second daemon on the same store refuses to start (exit 1, with the reason), as several
-relays on one store need the claiming that comes next; the CLI works on the store with the daemon
-running or stopped; and the password in the store's URL shows nowhere."""
+SQLite; two daemons on one store share its jobs, each delivered once; the CLI works on the store
+with the daemon running or stopped; and the password in the store's URL shows nowhere."""
 
 from __future__ import annotations
 
@@ -12,26 +11,30 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
 
-from relayd.daemon import Daemon
-from relayd.errors import StoreError
 from relayd.mock import provider as mock_provider
 from relayd.mock.receiver import Receiver
+from relayd.models import AttemptOutcome, NewDelivery, Submission
+from relayd.store import SqliteStore
+from relayd.views import job_detail
 from tests.conftest import ENV, api, config_dict, eventually, make_config, running, settled
 from tests.pg import PASSWORD, PgCluster
 
 pytest.importorskip("psycopg", reason="psycopg, the postgres extra, is not installed")
 from relayd.store.postgres import PostgresStore
-from relayd.store.postgres_conn import IN_USE
 
 
 def pg_config(tmp_path: Path, provider: int, receiver: int, url: str) -> dict[str, Any]:
-    data = config_dict(tmp_path, provider, {"app": receiver})
+    """The tests' config on the store at `url`; the budget is the store's, and a key's first
+    use waits a window and the provider timeout (the lease), so both are short."""
+    data = config_dict(tmp_path, provider, {"app": receiver}, timeout="500ms")
     data["relayd"]["store"] = url
     return data
 
@@ -76,26 +79,67 @@ async def test_the_daemon_relays_through_postgresql_and_never_shows_the_password
     assert not (config.settings.state_dir / "relayd.db").exists()  # nothing went to SQLite
 
 
-async def test_a_second_daemon_on_one_store_refuses_to_start(
-    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver, pg_url: str
+async def test_two_daemons_on_one_store_share_the_jobs_and_deliver_each_once(
+    tmp_path: Path, receiver: Receiver, pg_url: str
 ) -> None:
-    """While one daemon runs on a store, another (its own state, socket and port) refuses to
-    start, in the test's loop and as `relayd run` (exit 1, the reason on stderr); once the
-    first has stopped, the second starts."""
-    first = make_config(pg_config(tmp_path / "a", provider.port, receiver.port, pg_url), tmp_path)
-    data = pg_config(tmp_path / "b", provider.port, receiver.port, pg_url)
-    second = make_config(data, tmp_path)
-    path = tmp_path / "b.toml"
-    path.write_text(tomli_w.dumps(data))
-    async with running(first):
-        with pytest.raises(StoreError, match=IN_USE):
-            await Daemon(second).serve(asyncio.Event().wait)
-        code, _, err = await relayd("run", "-c", str(path))
-        assert code == 1, err
-        assert f"relayd: {IN_USE}" in err and PASSWORD not in err
-        assert not (tmp_path / "b" / "relayd.sock").exists()  # it stopped before serving
-    async with running(second) as daemon:
-        assert daemon.ready.is_set()
+    """Two daemons (each its own state, socket and port) on one store: jobs submitted to one
+    of them are claimed by both (LISTEN/NOTIFY wakes the other), each polled by its owner
+    only, each delivered once; the store lists both relays; a clean stop hands the stopped
+    one's jobs back at once."""
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=0.6)
+    try:
+        first = make_config(pg_config(tmp_path / "a", port, receiver.port, pg_url), tmp_path)
+        second = make_config(pg_config(tmp_path / "b", port, receiver.port, pg_url), tmp_path)
+        async with running(first) as a, running(second) as b:
+            docs = [{"docId": f"two-{i}"} for i in range(12)]
+            status, _ = await api(a, "POST", "/v1/jobs", docs)
+            assert status == 202
+            owned: tuple[set[int], set[int]] = (set(), set())
+
+            def both_hold_some() -> bool:
+                for seen, daemon in zip(owned, (a, b), strict=True):
+                    seen |= daemon.poller.owned or set()
+                return all(owned)
+
+            await eventually(both_hold_some, what="both relays claimed jobs")
+            await receiver.wait_for(12)
+            await eventually(lambda: settled(a, 12), what="every job delivered")
+            assert not owned[0] & owned[1]
+            _, info = await api(b, "GET", "/v1/status")
+            relays = info["store"]["relays"]
+            assert relays["relay"] == b.store.relay  # type: ignore[attr-defined]
+            assert relays["relays"] == 2 and relays["listening"] and relays["error"] is None
+            assert {r["name"] for r in relays["seen"]} == {
+                a.store.relay,  # type: ignore[attr-defined]
+                b.store.relay,  # type: ignore[attr-defined]
+            }
+        ids = [r.headers["webhook-id"] for r in receiver.accepted]
+        assert len(ids) == len(set(ids)) == 12
+        assert mock.rejected == 0  # one budget for both, in the store
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stopped_relay_hands_its_jobs_to_the_other_at_once(
+    tmp_path: Path, receiver: Receiver, pg_url: str
+) -> None:
+    """A relay stopped cleanly gives its jobs back and says goodbye: the other relay claims
+    them within a moment (not a lease later) and delivers them."""
+    _mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=1.5)
+    try:
+        first = make_config(pg_config(tmp_path / "a", port, receiver.port, pg_url), tmp_path)
+        second = make_config(pg_config(tmp_path / "b", port, receiver.port, pg_url), tmp_path)
+        async with running(second) as b:
+            async with running(first) as a:
+                docs = [{"docId": f"hand-{i}"} for i in range(10)]
+                assert (await api(a, "POST", "/v1/jobs", docs))[0] == 202
+                await eventually(lambda: bool(a.poller.owned), what="a claimed jobs")
+            # a stopped: its jobs are free now, with store_lease 30 s
+            await eventually(lambda: len(b.poller.owned or ()) == 10, timeout=5,
+                             what="b took every job")  # fmt: skip
+            await receiver.wait_for(10)
+    finally:
+        await runner.cleanup()
 
 
 async def test_the_cli_works_on_the_store_with_the_daemon_running_and_stopped(
@@ -194,3 +238,54 @@ async def test_the_daemon_rides_out_a_postgresql_outage(
         pg_cluster.start()  # for the tests after this one
     assert "shutting down: cannot count what is left" in caplog.text
     assert "relayd stopped" in caplog.text and PASSWORD not in caplog.text
+
+
+async def test_migrate_store_copies_a_sqlite_relay_and_the_relay_goes_on_there(
+    tmp_path: Path, provider: mock_provider.MockProvider, receiver: Receiver, pg_url: str
+) -> None:
+    """`relayd migrate-store` with relayd stopped copies every job, poll, delivery, attempt,
+    run time and budget (ids kept) into an empty PostgreSQL store; relayd started on it then
+    polls the job that was polling and delivers the delivery that was pending. A second run
+    refuses (the store holds jobs), and so does a run without `store` set."""
+    provider.add_job("was-polling", ready_after=0.0)
+    data = pg_config(tmp_path, provider.port, receiver.port, pg_url)
+    local = {**data, "relayd": {k: v for k, v in data["relayd"].items() if k != "store"}}
+    path, local_path = tmp_path / "relayd.toml", tmp_path / "local.toml"
+    path.write_text(tomli_w.dumps(data))
+    local_path.write_text(tomli_w.dumps(local))
+    sqlite = make_config(local, tmp_path)
+    at = time.time()  # not long ago: a job polled once relayd runs must not have expired
+    with closing(SqliteStore(sqlite.settings.state_dir / "relayd.db")) as old:
+        [(polling, _), (done, _), (pending, _)] = old.add_jobs(
+            [Submission(d, "main") for d in ("was-polling", "was-done", "was-pending")],
+            source="api",
+            now=at,
+        )
+        for job in (done, pending):
+            old.finish_job(
+                job.id, now=at + 1, result_status="done", result={"text": job.doc_id},
+                deliveries=[NewDelivery("app", "transcript_ready", f'{{"docId": "{job.doc_id}"}}')],
+                http_status=200, detail=None, ran_for=1.0,
+            )  # fmt: skip
+        [delivered] = old.deliveries_for(done.id)
+        old.record_attempt(delivered.id, now=at + 2, duration=0.1, status=200, error=None,
+                           outcome=AttemptOutcome.DELIVERED)  # fmt: skip
+        old.save_budgets({"k": {"used": 1}}, now=at)
+        before = {j.doc_id: job_detail(old, "main", j.doc_id) for j in (polling, done, pending)}
+    code, out, err = await relayd("migrate-store", "-c", str(local_path))
+    assert code == 1 and "store is not set" in err
+    code, out, err = await relayd("migrate-store", "-c", str(path))
+    assert code == 0, err
+    assert "copied 3 job(s) and 2 delivery(ies)" in out and PASSWORD not in out + err
+    with closing(PostgresStore(pg_url)) as new:
+        for doc, detail in before.items():
+            assert job_detail(new, "main", doc) == detail
+        assert new.take_budgets() == {"k": {"used": 1}}
+        assert len(new.run_times()) == 2
+        [(next_id, _)] = new.add_jobs([Submission("new", "main")], source="api", now=at)
+        assert next_id.id == pending.id + 1  # the identity moved past what was copied
+    code, _, err = await relayd("migrate-store", "-c", str(path))
+    assert code == 1 and "already holds 4 job(s)" in err
+    async with running(make_config(data, tmp_path)):
+        got = await receiver.wait_for(2)
+    assert sorted(r.json()["docId"] for r in got) == ["was-pending", "was-polling"]

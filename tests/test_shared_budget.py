@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from relayd.budget_redis import Denied, Grant, SharedBudget
+from relayd.budget_grants import Denied, Grant
+from relayd.budget_redis import SharedBudget
 from relayd.errors import SharedBudgetUnavailable
 from relayd.mock.net import free_port
 from tests.redis_server import RedisServer

@@ -1,6 +1,7 @@
 """What only the PostgreSQL store has (the behaviour it shares with SQLite is pinned by
 tests/test_store.py on both): relayd's own schema migration, safe when relays start together; a
-server that stops and comes back; the daemon's hold on the store; a password never shown."""
+server that stops and comes back; relays claiming jobs and deliveries from one another; a password
+never shown."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 
 from relayd.errors import StoreError
-from relayd.models import Submission
+from relayd.models import AttemptOutcome, JobState, NewDelivery, Submission
 from tests import pg
 from tests.pg import PASSWORD, SUPERUSER, PgCluster
 from tests.test_store import T0, add
@@ -21,8 +23,7 @@ pytest.importorskip("psycopg", reason="psycopg, the postgres extra, is not insta
 import psycopg
 
 from relayd.store.postgres import PostgresStore
-from relayd.store.postgres_conn import IN_USE
-from relayd.store.postgres_schema import SCHEMA, TABLES
+from relayd.store.postgres_schema import LOCK_SPACE, PRUNE_LOCK, SCHEMA, TABLES
 
 SERVER_GONE = 2.0  # seconds a call may take to fail once the server is stopped
 
@@ -212,35 +213,124 @@ def test_a_wrong_password_or_port_fails_fast_without_the_password(
     assert PASSWORD not in str(info.value)
 
 
-def test_only_one_daemon_holds_a_store(pg_cluster: PgCluster, pg_url: str) -> None:
-    """The daemon's store (`sole`) is refused while another holds it, and free once it closes;
-    the CLI's stores (not sole) go on beside it. A holder whose connection was cut must win the
-    store back before it writes again: if another took it meanwhile, it gets StoreError."""
-    first = PostgresStore(pg_url, sole=True)
+LEASE = 0.4  # seconds a claim lasts unrenewed, in these tests
+
+
+def relay(url: str, name: str) -> PostgresStore:
+    return PostgresStore(url, relay=name, lease=LEASE)
+
+
+def finish(store: PostgresStore, job_id: int) -> None:
+    assert store.finish_job(
+        job_id,
+        now=T0 + 1,
+        result_status="done",
+        result={"text": "hi"},
+        deliveries=[NewDelivery("app", "transcript_ready", "{}")],
+        http_status=200,
+        detail=None,
+    )
+
+
+def test_relays_claim_disjoint_jobs_and_take_a_silent_ones_over_after_its_lease(
+    pg_url: str,
+) -> None:
+    """Two relays alive share the jobs evenly and without overlap, each only its providers';
+    once a relay stops renewing, its jobs are free a lease later (the database's clock), the
+    other takes them all, and the first's next heartbeat names them lost."""
+    a, b = relay(pg_url, "a"), relay(pg_url, "b")
     try:
-        with pytest.raises(StoreError, match=IN_USE):
-            PostgresStore(pg_url, sole=True)
-        beside = PostgresStore(pg_url)  # `relayd cancel` with the daemon running
-        add(beside)
-        beside.close()
-        first._link.reconnect_pause = 0
-        database = pg_url.rsplit("/", 1)[1]
-        pg_cluster.admin(  # waits (up to 5 s) until the backend is gone, its locks with it
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
-            f" WHERE datname = '{database}' AND application_name = 'relayd'"
-        )
-        second = PostgresStore(pg_url, sole=True)  # the cut connection's lock is gone
-        try:
-            with pytest.raises(StoreError):
-                first.job_counts()  # the cut itself
-            with pytest.raises(StoreError, match=IN_USE):
-                first.job_counts()  # and the store is the other's now
-        finally:
-            second.close()
-        assert first.job_counts() == {"xosum": {"polling": 1}}  # free again: taken back
+        assert a.heartbeat([], ["xosum"]).relays == 1
+        assert b.heartbeat([], ["xosum"]).relays == 2
+        ids = {add(a, f"j-{i}") for i in range(10)}
+        add(a, "other", provider="aitronos")
+        claimed, left = a.claim_jobs(["xosum"])
+        mine = {i for i, _, _ in claimed}
+        assert (len(mine), left) == (5, 5)  # half of what is free: two relays are alive
+        claimed, left = b.claim_jobs(["xosum"])
+        theirs = {i for i, _, _ in claimed}
+        assert (theirs | mine, left) == (ids, 0) and not mine & theirs
+        assert a.claim_jobs(["xosum"]) == ([], 0)
+        beat = a.heartbeat(sorted(mine), ["xosum"])
+        assert (beat.relays, beat.polling, beat.lost) == (2, 10, set())
+        deadline = time.monotonic() + 10
+        while (beat := b.heartbeat(sorted(theirs), ["xosum"])).relays > 1:  # a says nothing
+            assert time.monotonic() < deadline, "a's lease never ran out"
+            time.sleep(LEASE / 4)
+        claimed, left = b.claim_jobs(["xosum"])  # alone now: its share is all ten
+        assert ({i for i, _, _ in claimed}, left) == (mine, 0)
+        assert a.heartbeat(sorted(mine), ["xosum"]).lost == mine
+        assert [r["name"] for r in b.relays()] == ["a", "b"]
     finally:
-        first.close()
-    PostgresStore(pg_url, sole=True).close()
+        a.close()
+        b.close()
+
+
+def test_relays_claiming_at_once_never_take_the_same_job(pg_url: str) -> None:
+    """Eight relays claiming 100 jobs at the same moment (SKIP LOCKED): every job goes to
+    exactly one of them."""
+    with closing(PostgresStore(pg_url)) as store:
+        for i in range(100):
+            add(store, f"c-{i}")
+    stores = [relay(pg_url, f"r{i}") for i in range(8)]
+    for s in stores:
+        s.heartbeat([], ["xosum"])
+    start = threading.Barrier(len(stores))
+    got: list[list[int]] = [[] for _ in stores]
+
+    def claim(n: int) -> None:
+        start.wait()
+        while (batch := stores[n].claim_jobs(["xosum"], greedy=True))[0]:
+            got[n] += [i for i, _, _ in batch[0]]
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    every = [i for ids in got for i in ids]
+    assert len(every) == len(set(every)) == 100
+    assert sum(1 for ids in got if ids) > 1  # shared out, not one relay's
+
+
+def test_a_delivery_is_claimed_for_one_attempt_and_retaken_after_its_lease(pg_url: str) -> None:
+    """A due delivery goes to one relay; the other sees none until the attempt is recorded
+    (the claim ends) or the claimer goes silent for a lease: then it is sent again, with the
+    same webhook-id."""
+    a, b = relay(pg_url, "a"), relay(pg_url, "b")
+    try:
+        finish(a, add(a, "d-1"))
+        [first] = a.due_deliveries("app", T0 + 2, 10)
+        assert b.due_deliveries("app", T0 + 2, 10) == []
+        assert [d.id for d in a.due_deliveries("app", T0 + 2, 10)] == [first.id]  # its own
+        assert a.record_attempt(
+            first.id, now=T0 + 2, duration=0.1, status=500, error="HTTP 500",
+            outcome=AttemptOutcome.RETRY, next_attempt_at=T0 + 2,
+        )  # fmt: skip
+        [again] = b.due_deliveries("app", T0 + 3, 10)  # the claim ended with the attempt
+        assert again.id == first.id
+        deadline = time.monotonic() + 10
+        while not (taken := a.due_deliveries("app", T0 + 3, 10)):
+            assert time.monotonic() < deadline, "b's claim never ran out"
+            time.sleep(LEASE / 4)
+        assert taken[0].webhook_id == first.webhook_id
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_relay_prunes_at_a_time(pg_url: str) -> None:
+    """While one relay's pruning transaction runs, another's pass removes nothing (it does not
+    wait either); afterwards it prunes."""
+    with closing(PostgresStore(pg_url)) as store:
+        job_id = add(store, "p-1")
+        store.end_job(job_id, JobState.CANCELLED, now=T0, detail="x")
+        with psycopg.connect(pg_url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_SPACE, PRUNE_LOCK))
+            assert store.prune(ended_before=T0 + 1, dead_before=None, limit=10).jobs == 0
+        assert store.prune(ended_before=T0 + 1, dead_before=None, limit=10).jobs == 1
 
 
 def test_the_time_bounds_are_defaults_the_url_may_change(pg_url: str) -> None:

@@ -9,6 +9,9 @@ it; nothing is acknowledged to anyone before that.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
@@ -36,6 +39,10 @@ R = TypeVar("R")
 
 
 class Store(Protocol):
+    # several relays may use it at once, each claiming its work (PostgreSQL); else this relay
+    # alone polls and delivers everything in it
+    shared: bool
+
     def close(self) -> None: ...
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -237,15 +244,23 @@ class Store(Protocol):
         ...
 
 
+def relay_name() -> str:
+    """This relay's name among those on a shared store: host, process and a random part (a
+    restarted relay is a new one; what the old one held comes back when its leases end)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 def open_store(settings: Settings, *, readonly: bool = False, serving: bool = False) -> Store:
     """The store the config names: PostgreSQL when `store` is a URL, else SQLite in `state_dir`.
 
     `readonly`: for looking (the CLI's status, jobs, show). `serving`: the daemon's, open for
-    long: SQLite checkpoints in a thread of its own; PostgreSQL is held by this relayd alone,
-    refused (StoreError) while another holds it: several relays on one store need the claiming
-    of jobs that comes next."""
+    long: SQLite writes and checkpoints in threads of their own; on PostgreSQL the relay claims
+    its work under a name of its own (`relay_name`), beside any other relays on the store."""
     if settings.store:
         from relayd.store.postgres import PostgresStore  # psycopg: the optional extra
 
-        return PostgresStore(settings.store, readonly=readonly, sole=serving)
+        relay = relay_name() if serving else None
+        return PostgresStore(
+            settings.store, readonly=readonly, relay=relay, lease=settings.store_lease
+        )
     return SqliteStore(settings.state_dir / DATABASE, readonly=readonly, serving=serving)

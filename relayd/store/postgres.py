@@ -5,8 +5,8 @@ test suite runs against both (tests/test_store.py).
 
 Every change is one transaction, committed before the method returns; every read ends its
 transaction at once (postgres_conn.Link). How long a call may hold the event loop, and what
-happens when the server goes away, is said in postgres_conn.py. For now one daemon uses a store
-(`sole`); several, claiming jobs from one another, come next.
+happens when the server goes away, is said in postgres_conn.py. Several relays share a store by
+claiming work from one another (postgres_claims.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
-
-import psycopg
-from psycopg.rows import TupleRow
 
 from relayd.errors import StoreError
 from relayd.models import (
@@ -34,11 +31,14 @@ from relayd.models import (
     Submission,
     webhook_id,
 )
-from relayd.store.postgres_conn import Link, conninfo_of
-from relayd.store.postgres_reads import PostgresReads
+from relayd.store.postgres_claims import PostgresClaims
+from relayd.store.postgres_conn import Cursor, Link, conninfo_of
 from relayd.store.postgres_schema import (
+    DELIVERIES_CHANNEL,
+    JOBS_CHANNEL,
     LOCK_SPACE,
     MIGRATE_LOCK,
+    PRUNE_LOCK,
     SCHEMA,
     TABLES,
     VERSION_TABLE,
@@ -50,8 +50,6 @@ R = TypeVar("R")
 
 __all__ = ["PostgresStore", "conninfo_of"]
 
-Cursor = psycopg.Cursor[TupleRow]
-
 
 def _text(value: str | None) -> str | None:
     """Text from a provider or an endpoint as PostgreSQL can keep it: a NUL (which SQLite keeps
@@ -59,14 +57,21 @@ def _text(value: str | None) -> str | None:
     return value.replace("\x00", "\ufffd") if value is not None else None
 
 
-class PostgresStore(PostgresReads):
+class PostgresStore(PostgresClaims):
     """The `Store` in a PostgreSQL database (13 or later), its schema made and kept up to date by
     relayd. `readonly`: every transaction is read-only and nothing is migrated (the CLI's
-    views); `sole`: the daemon's hold on the store (postgres_conn.Link)."""
+    views); `relay`: the daemon's name among the relays on the store, which makes it claim its
+    work (postgres_claims.py); `lease`: how long its claims last unrenewed."""
 
-    def __init__(self, url: str, *, readonly: bool = False, sole: bool = False) -> None:
-        self._link = Link(url, readonly=readonly, sole=sole)
+    shared = True  # several relays may use it at once
+
+    def __init__(
+        self, url: str, *, readonly: bool = False, relay: str | None = None, lease: float = 30.0
+    ) -> None:
+        self._link = Link(url, readonly=readonly)
         self.where = self._link.where
+        self.relay = relay
+        self.lease = lease
         try:
             if readonly:
                 self._check_schema()
@@ -139,6 +144,8 @@ class PostgresStore(PostgresReads):
                 ).fetchone()
                 assert row is not None  # a conflict: it is there
                 out.append((job_row(row), False))
+            if any(created for _, created in out):
+                cur.execute(f"NOTIFY {JOBS_CHANNEL}")  # sent at the commit
         return out
 
     # -- readiness and upkeep ---------------------------------------------------------------------
@@ -262,6 +269,8 @@ class PostgresStore(PostgresReads):
                     (job[0], media_kind, media_seconds, ran_for),
                 )
             _poll_row(cur, job_id, now, http_status, PollOutcome.FINISHED, detail)
+            if rows:
+                cur.execute(f"NOTIFY {DELIVERIES_CHANNEL}")
         return True
 
     def end_job(self, job_id: int, state: JobState, *, now: float, detail: str) -> bool:
@@ -318,6 +327,11 @@ class PostgresStore(PostgresReads):
         if not where:
             return Pruned()
         with self._link.write(synced=False) as cur:
+            [(mine,)] = cur.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, %s)", (LOCK_SPACE, PRUNE_LOCK)
+            ).fetchall()
+            if not mine:
+                return Pruned()  # another relay is pruning: one at a time, never all of them
             ids = [
                 r[0]
                 for r in cur.execute(
@@ -378,7 +392,8 @@ class PostgresStore(PostgresReads):
             _trim(cur, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
             cur.execute(
                 "UPDATE deliveries SET state=%s, attempts=attempts+%s, last_error=%s,"
-                " next_attempt_at=COALESCE(%s, next_attempt_at), delivered_at=%s WHERE id=%s",
+                " next_attempt_at=COALESCE(%s, next_attempt_at), delivered_at=%s,"
+                " claimed_by=NULL, claimed_until=0 WHERE id=%s",
                 (
                     state,
                     1 if spend else 0,
@@ -423,8 +438,8 @@ class PostgresStore(PostgresReads):
                 args,
             ).fetchall()
             cur.executemany(
-                "UPDATE deliveries SET state=%s, attempts=0, next_attempt_at=%s, last_error=NULL"
-                " WHERE id=%s",
+                "UPDATE deliveries SET state=%s, attempts=0, next_attempt_at=%s, last_error=NULL,"
+                " claimed_by=NULL, claimed_until=0 WHERE id=%s",
                 [(DeliveryState.PENDING, now, delivery_id) for delivery_id, _ in rows],
             )
             cur.executemany(
@@ -438,6 +453,8 @@ class PostgresStore(PostgresReads):
                 "UPDATE jobs SET state=%s, updated_at=%s WHERE id=%s",
                 [(JobState.DELIVERING, now, owner) for owner in sorted({o for _, o in rows})],
             )
+            if rows:
+                cur.execute(f"NOTIFY {DELIVERIES_CHANNEL}")
         return len(rows)
 
 

@@ -32,16 +32,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from relayd.errors import StoreError
-from relayd.store.postgres_schema import LOCK_SPACE, SOLE_USE_LOCK
 
+Cursor = psycopg.Cursor[TupleRow]
 MASK = "********"
 CONNECT_TIMEOUT = 3  # seconds (libpq's least is 2)
 STATEMENT_TIMEOUT_MS = 5000
 RECONNECT_PAUSE = 5.0  # seconds calls fail at once after a connect failed
-IN_USE = (
-    "another relayd is using this store; several relays on one store need the claiming that"
-    " comes next"
-)
 # Server settings for relayd's sessions, sent at connect (libpq `options`).
 SESSION = {
     "statement_timeout": str(STATEMENT_TIMEOUT_MS),
@@ -100,13 +96,9 @@ def describe(url: str) -> str:
 
 
 class Link:
-    """A psycopg connection with autocommit off, opened again when it broke.
+    """A psycopg connection with autocommit off, opened again when it broke."""
 
-    `sole`: hold relayd's session-level advisory lock for as long as the connection lives, and
-    take it again on every new connection; refused (StoreError) while another relayd holds it.
-    """
-
-    def __init__(self, url: str, *, readonly: bool = False, sole: bool = False) -> None:
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
         self._url = url
         self.where = describe(url)
         # relayd's bounds, unless the URL says otherwise: an operator's value wins (a later
@@ -117,12 +109,15 @@ class Link:
         options = [f"-c {name}={value}" for name, value in settings.items()]
         options.append(params.get("options", ""))
         self._conninfo = make_conninfo(url, **client, options=" ".join(filter(None, options)))
-        self._sole = sole
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._retry_at = 0.0
         self._last_problem = ""
         self.reconnect_pause = RECONNECT_PAUSE
         self.connection()  # fail now, not at the first call, when the store cannot be used
+
+    @property
+    def conninfo(self) -> str:
+        return self._conninfo
 
     def close(self) -> None:
         if self._conn is not None:
@@ -160,17 +155,11 @@ class Link:
         return conn
 
     def _check(self, conn: psycopg.Connection[TupleRow]) -> None:
-        """What a new connection must hold before relayd uses it: a UTF8 database (transcripts
-        are not Latin-1) and, for the daemon, relayd's lock."""
+        """What a new connection must have before relayd uses it: a UTF8 database (transcripts
+        are not Latin-1)."""
         try:
             encoding = conn.execute("SHOW server_encoding").fetchone()
-            held = True
-            if self._sole:
-                row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, SOLE_USE_LOCK)
-                ).fetchone()
-                held = bool(row and row[0])
-            conn.commit()  # a session lock outlives the transaction that took it
+            conn.rollback()
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL at {self.where}: {self.safe(exc)}") from None
         name = encoding[0] if encoding else "unknown"
@@ -179,8 +168,6 @@ class Link:
                 f"PostgreSQL at {self.where}: the database's encoding is {name}; relayd"
                 " needs UTF8 (CREATE DATABASE … ENCODING 'UTF8')"
             )
-        if not held:
-            raise StoreError(f"{IN_USE} (PostgreSQL at {self.where})")
 
     def _failed(self, exc: psycopg.Error) -> StoreError:
         """End what the failed call left open; the error to raise."""

@@ -97,7 +97,50 @@ SCHEMA = [
         ran_for double precision NOT NULL
     )
     """,
+    # version 2: several relays on one store. A polling job is owned by one relay at a time,
+    # for as long as its lease (renewed by that relay's heartbeat) lasts; a due delivery is
+    # claimed for one attempt. Leases are in the database's clock (DB_NOW), never a relay's.
+    # The budget of each API key is kept here too (relayd/budget_pg.py).
+    """
+    ALTER TABLE jobs ADD COLUMN owner text,
+        ADD COLUMN owned_until double precision NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_by_owner ON jobs (owner) WHERE state = 'polling';
+    CREATE INDEX jobs_claimable ON jobs (owned_until) WHERE state = 'polling';
+    ALTER TABLE deliveries ADD COLUMN claimed_by text,
+        ADD COLUMN claimed_until double precision NOT NULL DEFAULT 0;
+    CREATE INDEX deliveries_claimed ON deliveries (claimed_by) WHERE state = 'pending';
+    CREATE TABLE relays (
+        name text PRIMARY KEY,
+        started_at double precision NOT NULL,
+        seen_at double precision NOT NULL
+    );
+    CREATE TABLE budget_keys (
+        key text PRIMARY KEY,
+        tokens double precision NOT NULL,
+        at double precision NOT NULL,
+        seq bigint NOT NULL DEFAULT 0,
+        blocked_until double precision NOT NULL DEFAULT 0,
+        block_reason text NOT NULL DEFAULT ''
+    );
+    CREATE TABLE budget_slots (
+        key text NOT NULL,
+        slot text NOT NULL,
+        owner text NOT NULL,
+        frees_at double precision NOT NULL,
+        PRIMARY KEY (key, slot)
+    );
+    CREATE TABLE budget_hungry (
+        key text NOT NULL,
+        relay text NOT NULL,
+        until double precision NOT NULL,
+        PRIMARY KEY (key, relay)
+    )
+    """,
 ]
+
+# The database's clock, in epoch seconds: every lease and budget time is read from it, so the
+# relays' own clocks may differ by any amount.
+DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"
 
 # The table that says which versions a database has; made before any version, under the lock.
 VERSION_TABLE = """
@@ -108,9 +151,24 @@ VERSION_TABLE = """
 """
 
 # Every table relayd keeps: what `disk_usage` adds up and `vacuum` goes over.
-TABLES = ("jobs", "polls", "deliveries", "attempts", "budgets", "probe", "run_times")
+TABLES = (
+    "jobs",
+    "polls",
+    "deliveries",
+    "attempts",
+    "budgets",
+    "probe",
+    "run_times",
+    "relays",
+    "budget_keys",
+    "budget_slots",
+    "budget_hungry",
+)
 
 # pg_advisory locks are (int, int) pairs per database: the first says "relayd", the second what for.
 LOCK_SPACE = 0x72656C61  # "rela"
 MIGRATE_LOCK = 1  # held (per transaction) while a relayd creates or migrates the schema
-SOLE_USE_LOCK = 2  # held (per session) by the one relayd daemon on the store, for now
+PRUNE_LOCK = 3  # held (per transaction) by the one relay pruning: never all of them at once
+# NOTIFY channels: a job anyone may claim, a delivery anyone may attempt
+JOBS_CHANNEL = "relayd_jobs"
+DELIVERIES_CHANNEL = "relayd_deliveries"

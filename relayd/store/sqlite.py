@@ -33,6 +33,8 @@ from relayd.store.sqlite_file import SqliteFile, writes
 class SqliteStore(SqliteFile):
     """The `Store` in one SQLite file (`SqliteFile`: WAL mode, its schema, checkpoints)."""
 
+    shared = False  # one relay's own
+
     # -- intake ---------------------------------------------------------------------------------
 
     @writes
