@@ -90,12 +90,21 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 # relayd run, with the probes; one JSON line per second to the file named by SOAK_PROBE
 WRAPPER = """
-import asyncio, asyncio.events, json, os, sys, time
+import asyncio, asyncio.events, gc, json, os, sys, time
 from relayd import cli, daemon
 from relayd.store import sqlite
 
 out = open(os.environ["SOAK_PROBE"], "a", buffering=1)
-lags, batches, long_steps = [], [], []
+lags, batches, long_steps, collections = [], [], [], []
+gc_started = [0.0]
+def timed_gc(phase, info):  # a garbage collection: which generation, how long it held
+    if phase == "start":
+        gc_started[0] = time.perf_counter()
+    else:
+        took = time.perf_counter() - gc_started[0]
+        if took > 0.002:
+            collections.append((round(took * 1000, 2), info["generation"]))
+gc.callbacks.append(timed_gc)
 pragma = os.environ.get("SOAK_SECURE_DELETE")
 
 if pragma:
@@ -137,10 +146,11 @@ async def probe():
             last = time.time()
             out.write(json.dumps({"t": last, "lags": [round(x * 1000, 2) for x in lags],
                                   "batches": [round(x * 1000, 2) for x in batches],
-                                  "steps": long_steps}) + "\\n")
+                                  "steps": long_steps, "gc": collections}) + "\\n")
             lags.clear()
             batches.clear()
             long_steps.clear()
+            collections.clear()
 
 run = daemon.run
 async def probed(*args, **kwargs):
@@ -227,6 +237,7 @@ class Run:
     batches: list[float] = field(default_factory=list)  # ms
     # callbacks that held the loop over 5 ms: (wall ms, CPU ms of the loop's thread, coroutine)
     steps: list[tuple[float, float, str]] = field(default_factory=list)
+    collections: list[tuple[float, int]] = field(default_factory=list)  # GC over 2 ms: (ms, gen)
     paced_from: float = 0.0  # wall time the paced phase began
     seconds: float = 0.0  # the saturated phase: how long
     jobs: int = 0  # ... and how many jobs it delivered
@@ -317,6 +328,7 @@ async def soak(args: argparse.Namespace, name: str, retention: str, tmp: Path) -
             run.lags += entry["lags"]
         run.batches += entry["batches"]
         run.steps += [tuple(step) for step in entry["steps"]]
+        run.collections += [tuple(c) for c in entry.get("gc", [])]
     return run
 
 
@@ -365,6 +377,10 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         wall, cpu, name = longest[0] if longest else (0.0, 0.0, "-")
         print(f"  longest callback  {wall:.1f} ms ({cpu:.1f} ms of CPU, {name}); over 20 ms:"
               f" {dict(over) or 'none'}")  # fmt: skip
+        if run.collections:
+            ms, gen = max(run.collections)
+            print(f"  garbage collections over 2 ms: {len(run.collections)}, longest {ms:.1f} ms"
+                  f" (generation {gen})")  # fmt: skip
         if run.batches:
             print(f"  prune batches     {len(run.batches):,}, p99 {pct(run.batches, 0.99):.1f} ms, "
                   f"max {max(run.batches):.1f} ms; removed {run.pruned}")  # fmt: skip

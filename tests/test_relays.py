@@ -66,6 +66,14 @@ class Relay:
     async def ready(self) -> None:
         await eventually(self.socket.exists, timeout=30, what=f"{self.name}'s socket")
 
+    async def get(self, path: str) -> tuple[int, Any]:
+        connector = aiohttp.UnixConnector(path=str(self.socket))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(f"http://relayd{path}") as resp,
+        ):
+            return resp.status, await resp.json()
+
     async def submit(self, docs: list[str]) -> None:
         connector = aiohttp.UnixConnector(path=str(self.socket))
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -154,7 +162,8 @@ async def test_the_database_restarted_mid_run_loses_nothing(
     tmp_path: Path, receiver: Receiver, pg_url: str, pg_cluster: PgCluster
 ) -> None:
     """Two relays; the server stops while jobs are being polled and starts again 2 s later:
-    the relays wait, then resume by themselves; every job is delivered, no 429."""
+    meanwhile intake answers 503 and /readyz says why; the relays then resume by themselves,
+    every job is delivered, no 429."""
     mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=1.0)
     docs = [f"restart-{i}" for i in range(20)]
     try:
@@ -162,7 +171,16 @@ async def test_the_database_restarted_mid_run_loses_nothing(
             await group[1].submit(docs)
             await eventually(lambda: sum(owners(pg_url).values()) > 0, what="claims")
             pg_cluster.stop()
-            await asyncio.sleep(2.0)  # the outage itself: relays find the database gone
+            started = time.monotonic()
+            status, ready = await group[0].get("/readyz")
+            assert status == 503 and "the database refuses writes" in ready["error"], ready
+            connector = aiohttp.UnixConnector(path=str(group[0].socket))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.post("http://relayd/v1/jobs", json={"docId": "in-outage"}) as resp,
+            ):
+                assert resp.status == 503
+            await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - started)))  # the outage
             pg_cluster.start()
             await eventually(delivered_once_each(receiver, docs), timeout=60, what="deliveries")
         assert mock.rejected == 0
