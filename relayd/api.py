@@ -8,10 +8,12 @@ reaches into the store, the poll loop or the delivery loop itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -112,6 +114,11 @@ class Backend(Protocol):
     def render_metrics(self) -> bytes: ...
 
 
+@functools.cache
+def openapi_document() -> bytes:
+    return (resources.files("relayd") / "openapi.json").read_bytes()
+
+
 def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -195,6 +202,7 @@ def make_app(
     app.router.add_post("/v1/jobs/{provider}/{doc_id}/redeliver", api.redeliver)
     app.router.add_delete("/v1/jobs/{provider}/{doc_id}", api.cancel)
     app.router.add_get("/v1/status", api.status)
+    app.router.add_get("/v1/openapi.json", api.openapi)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)
@@ -287,6 +295,11 @@ class Api:
         if not cancelled:
             return error(409, f"job {provider}/{doc_id} is already {job.state}")
         return web.json_response({"job": job.as_dict()})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The API's OpenAPI 3.1 description, kept beside this module (tests check every answer
+        of the test suite against it)."""
+        return web.Response(body=openapi_document(), content_type="application/json")
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(await self.backend.status())

@@ -254,20 +254,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"relayd: --meta {item!r}: expected K=V", file=sys.stderr)
             return 2
         metadata[key] = value
-    jobs = []
-    for doc_id in args.doc_ids:
-        job: dict[str, Any] = {"docId": doc_id}
-        if args.provider:
-            job["provider"] = args.provider
-        if metadata:
-            job["metadata"] = metadata
-        if args.endpoints:
-            job["endpoints"] = args.endpoints
-        jobs.append(job)
-    status, body = asyncio.run(_api(config, "POST", "/v1/jobs", jobs))
-    if status != 202:
-        raise CliError(f"refused ({status}): {body.get('error', body)}")
-    for job in body["jobs"]:
+    from relayd.client import Client, RelaydError
+
+    settings = config.settings
+    if settings.socket is not None:
+        client = Client(socket=settings.socket)
+    elif settings.http is not None:
+        token = settings.api_token.value if settings.api_token else None
+        client = Client(url=f"http://{settings.http.host}:{settings.http.port}", token=token)
+    else:
+        raise CliError("the config disables both the socket and the TCP API")
+    try:
+        jobs = client.submit(
+            args.doc_ids,
+            provider=args.provider or None,
+            metadata=metadata or None,
+            endpoints=args.endpoints or None,
+        )
+    except RelaydError as exc:
+        if exc.status is None:
+            raise CliError(f"cannot reach the daemon: {exc.message}") from None
+        raise CliError(f"refused ({exc.status}): {exc.message}") from None
+    for job in jobs:
         note = "accepted" if job["created"] else f"already known ({job['state']})"
         print(f"{job['provider']}/{job['docId']}: {note}")
     return 0

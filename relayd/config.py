@@ -27,7 +27,18 @@ log = logging.getLogger("relayd.config")
 
 DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
 EVENTS = frozenset(
-    {"transcript_ready", "transcript_failed", "transcription.completed", "transcription.failed"}
+    {
+        "transcript_ready",
+        "transcript_failed",
+        "transcription.completed",
+        "transcription.failed",
+        # relayd's own (relayd/events.py)
+        "relayd.delivery.dead",
+        "relayd.endpoint.down",
+        "relayd.endpoint.up",
+        "relayd.key.refused",
+        "relayd.key.accepted",
+    }
 )
 KINDS = ("xosum", "aitronos")
 # Where `base_url` may be left out: the API root the provider documents.

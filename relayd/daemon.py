@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from relayd import __version__
+from relayd import __version__, tracing
 from relayd.api import ApiLimits, make_app, make_runner
 from relayd.clock import Clock, SystemClock
 from relayd.config import Config, load_config
 from relayd.console import Guard, Sessions, add_console
 from relayd.delivery import Deliverer
 from relayd.errors import ConfigError, StoreError
+from relayd.events import Events
 from relayd.intake.envelope import Catalog
 from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
@@ -185,6 +186,13 @@ class Daemon:
 
             assert isinstance(self.store, PostgresStore)
             self.claimer = Claimer(self.store, self.poller, on_delivery=self.deliverer.wake)
+        self.events = Events(
+            store=self.store,
+            config=lambda: self.config,
+            clock=self.clock,
+            on_stored=self.deliverer.wake,
+        )
+        self.poller.events = self.deliverer.events = self.events
         self.pruner = Pruner(
             store=self.store,
             settings=lambda: self.config.settings,
@@ -292,6 +300,7 @@ class Daemon:
         if self.claimer is not None:
             self.claimer.stop()
         cut = await self.deliverer.drain(self.drain_seconds)
+        await self.events.drain()  # what was raised is stored before the store closes
         self._tasks["watchdog"].cancel()
         tasks = list(self._tasks.values())
         _, pending = await asyncio.wait(tasks, timeout=self.drain_seconds)
@@ -427,6 +436,13 @@ class Daemon:
         gauges.deliveries_pending = lambda: self._deliveries_in("pending")
         gauges.deliveries_dead = lambda: self._deliveries_in("dead")
         gauges.shared_reachable = self.poller.keys.shared_reachable
+        gauges.key_refused = lambda: {
+            name: float(key.refused_now()) for name, key in self.poller.keys.providers()
+        }
+        gauges.endpoint_up = lambda: {
+            name: 0.0 if (s := self.deliverer.endpoints.get(name)) and s.probing else 1.0
+            for name in self.config.endpoints
+        }
 
     def _deliveries_in(self, state: str) -> dict[str, int]:
         """endpoint -> deliveries in `state`, 0 for every configured endpoint (alerts need it)."""
@@ -578,6 +594,7 @@ async def run(
     config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT (or `shutdown_trigger`); SIGHUP re-reads the config."""
+    exporting = tracing.configure()  # OTLP when OTEL_* asks for it and the otel extra is there
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     installed = []
@@ -592,6 +609,8 @@ async def run(
     try:
         await daemon.serve(shutdown_trigger)
     finally:
+        if exporting:
+            tracing.shutdown()  # the spans still batched go out
         for sig in installed:
             loop.remove_signal_handler(sig)
         if settle is not None:

@@ -13,8 +13,10 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
+from opentelemetry.trace import StatusCode
 
 from relayd import __version__
 from relayd.clock import Clock
@@ -25,6 +27,10 @@ from relayd.models import AttemptOutcome, Delivery
 from relayd.retry import backoff, parse_retry_after, probe_delay
 from relayd.signing import decode_secret, sign
 from relayd.store import Store
+from relayd.tracing import inject, job_span
+
+if TYPE_CHECKING:
+    from relayd.events import Events
 
 log = logging.getLogger("relayd.delivery")
 
@@ -91,6 +97,7 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.events: Events | None = None  # relayd's operational events (relayd/events.py)
         self.endpoints: dict[str, EndpointState] = {}
 
     def wake(self) -> None:
@@ -105,6 +112,8 @@ class Deliverer:
             self._wake.clear()
             timeout = RECHECK
             wall = self.clock.time()
+            if self.events is not None:
+                self.events.check(wall)
             for name, endpoint in self.config.endpoints.items():
                 try:
                     delay = self._dispatch(name, endpoint, wall)
@@ -146,9 +155,20 @@ class Deliverer:
 
     async def _attempt(self, endpoint: EndpointConfig, state: EndpointState, d: Delivery) -> None:
         try:
-            started = self.clock.monotonic()
-            outcome = await self._post(endpoint, d)
-            await self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
+            attributes: dict[str, str | int | float] = {
+                "relayd.endpoint": endpoint.name,
+                "relayd.event": d.event,
+                "relayd.webhook_id": d.webhook_id,
+                "relayd.attempt": d.attempts + 1,
+            }
+            with job_span("relayd.deliver", d.provider, d.doc_id, **attributes) as span:
+                started = self.clock.monotonic()
+                outcome = await self._post(endpoint, d)
+                if outcome.status is not None:
+                    span.set_attribute("http.response.status_code", outcome.status)
+                if outcome.error is not None:
+                    span.set_status(StatusCode.ERROR, outcome.error)
+                await self._record(endpoint, state, d, outcome, self.clock.monotonic() - started)
         except StoreError as exc:
             log.error("cannot record delivery attempt: %s", exc, extra=_context(endpoint, d))
         except Exception:
@@ -166,6 +186,7 @@ class Deliverer:
             "webhook-id": d.webhook_id,
             "webhook-timestamp": str(timestamp),
         }
+        inject(headers)  # traceparent: the job's trace, this attempt's span
         if endpoint.signing_secrets:
             keys = [decode_secret(s.value) for s in endpoint.signing_secrets]
             headers["webhook-signature"] = sign(keys, d.webhook_id, timestamp, body)
@@ -200,6 +221,7 @@ class Deliverer:
         now = self.clock.time()
         ctx = _context(endpoint, d)
         if outcome.error is None:
+            was_down = state.probing
             if await self.store.run(
                 self.store.record_attempt,
                 d.id,
@@ -214,8 +236,13 @@ class Deliverer:
             if state.probing:
                 log.info("endpoint answers again: draining backlog", extra=ctx)
             state.succeeded(now)
+            if was_down and self.events is not None:
+                self.events.endpoint_up(endpoint.name, now)
             return
+        was_down = state.probing
         state.failed(now)
+        if state.probing and not was_down and self.events is not None:
+            self.events.endpoint_down(endpoint.name, state.since or now)
         if state.probing:
             state.probe_at = now + probe_delay(
                 state.failures - PROBE_AFTER_FAILURES + 1,
@@ -237,6 +264,8 @@ class Deliverer:
             ):
                 self.metrics.deliveries.labels(endpoint.name, "dead").inc()
                 log.error("delivery dead after %d attempts: %s", attempts, outcome.error, extra=ctx)
+                if self.events is not None:
+                    self.events.delivery_dead(d, attempts, outcome.error)
             return
         delay = backoff(attempts, endpoint.retry_initial, endpoint.retry_max, self._rand)
         if outcome.retry_after is not None:

@@ -85,6 +85,10 @@ class NotFound(ProviderError):
 class Unauthorized(ProviderError):
     """401/403: the API key is wrong; pause every job on that key."""
 
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
 
 class RateLimited(ProviderError):
     """429: the key's budget is closed; `retry_after` seconds (None: until the next window)."""

@@ -247,6 +247,11 @@ class Key:
 
     # -- whether the provider accepts the key -----------------------------------------------------
 
+    def refused_now(self) -> bool:
+        """The provider refuses this key (a 401/403 paused it, and no poll since said it
+        works)."""
+        return bool(self._pause_reason)
+
     @property
     def paused(self) -> str:
         """Why polling on this key is paused ("" when it is not)."""

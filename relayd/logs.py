@@ -10,7 +10,9 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-CONTEXT = ("provider", "job", "job_id", "endpoint", "webhook_id")
+from relayd.tracing import current_trace_id
+
+CONTEXT = ("provider", "job", "job_id", "endpoint", "webhook_id", "trace_id")
 
 
 class TextFormatter(logging.Formatter):
@@ -52,12 +54,22 @@ class HideRequestLine(logging.Filter):
         return True
 
 
+class TraceId(logging.Filter):
+    """A line written inside a span (a poll, a delivery attempt) carries its trace id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "trace_id") and (trace_id := current_trace_id()) is not None:
+            record.trace_id = trace_id
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     """relayd's lines at `level`; other libraries' (aiohttp, asyncio) warnings and errors through
     the same handler, so they too come out in `fmt` and pass the same filter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(HideRequestLine())
+    handler.addFilter(TraceId())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -30,6 +30,8 @@ class _Gauges(Collector):
         self.deliveries_pending: Reading = dict
         self.deliveries_dead: Reading = dict
         self.shared_reachable: Reading = dict
+        self.key_refused: Reading = dict
+        self.endpoint_up: Reading = dict
         self.store_bytes: Callable[[], float] = lambda: 0.0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -70,6 +72,18 @@ class _Gauges(Collector):
                 "1 while the shared budget (Redis) answers; 0: nothing is sent on the key.",
                 "provider",
                 self.shared_reachable,
+            ),
+            (
+                "relayd_key_refused",
+                "1 while the provider refuses the API key (401/403): its jobs wait, probed.",
+                "provider",
+                self.key_refused,
+            ),
+            (
+                "relayd_endpoint_up",
+                "0 while the endpoint is down (probed one delivery at a time), else 1.",
+                "endpoint",
+                self.endpoint_up,
             ),
         ):
             family = GaugeMetricFamily(name, help_text, labels=[label])

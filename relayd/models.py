@@ -160,6 +160,9 @@ class NewDelivery:
     payload: str
 
 
+EVENTS_PROVIDER = "relayd"  # the pseudo-provider of relayd's own operational events
+
+
 def webhook_id(provider: str, doc_id: str, event: str) -> str:
     """Stable for one job and event, across retries, restarts and endpoints."""
     digest = hashlib.sha256(f"{provider}\0{doc_id}\0{event}".encode()).hexdigest()

@@ -28,9 +28,11 @@ from relayd.providers.upstream import Upstream
 from relayd.retry import poll_backoff
 from relayd.routing import route
 from relayd.store import Store
+from relayd.tracing import job_span
 
 if TYPE_CHECKING:  # redis-py is an optional extra
     from relayd.budget_grants import Budgets
+    from relayd.events import Events
 
 log = logging.getLogger("relayd.poller")
 
@@ -68,6 +70,7 @@ class Poller:
         # on a shared store, the jobs this relay owns (relayd/claimer.py adopts and disowns
         # them); None: every job in the store is this relay's
         self.owned: set[int] | None = set() if store.shared else None
+        self.events: Events | None = None  # relayd's operational events (relayd/events.py)
 
     def reconfigure(self, config: Config, providers: Mapping[str, Provider]) -> None:
         """Apply a reloaded config: new providers and keys take effect, jobs are kept."""
@@ -248,10 +251,24 @@ class Poller:
         if job is None or job.state != JobState.POLLING or provider is None:
             key.unused(slot)
             return None  # cancelled, or finished elsewhere
-        pc = self.config.providers[job.provider]
-        sent_at = self.clock.monotonic()
         ctx.pop("job_id", None)  # the provider and doc id name the job for an operator
         ctx.update(provider=job.provider, job=job.doc_id)
+        with job_span("relayd.poll", job.provider, job.doc_id) as span:
+            after = await self._poll_job(key, job, provider, slot, ctx, wall)
+            span.set_attribute("relayd.job_state", "polling" if after else "ended")
+            return after
+
+    async def _poll_job(
+        self,
+        key: Key,
+        job: Job,
+        provider: Provider,
+        slot: str | None,
+        ctx: dict[str, object],
+        wall: float,
+    ) -> Next | None:
+        pc = self.config.providers[job.provider]
+        sent_at = self.clock.monotonic()
         if wall - job.submitted_at >= pc.max_job_age:
             key.unused(slot)
             await self.store.run(
@@ -267,7 +284,7 @@ class Poller:
         except RateLimited:
             return Next(job.next_poll_at, job.next_poll_at)  # keeps its place in line
         except Unauthorized as exc:
-            self._refused(key, pc, str(exc), ctx, sent_at)
+            self._refused(key, pc, exc, ctx, sent_at)
             return Next(job.next_poll_at, job.next_poll_at)
         except NotFound as exc:
             return await self._not_found(job, pc, exc, ctx)
@@ -278,6 +295,8 @@ class Poller:
                 key.unused(slot)  # the provider never sent: give the slot back
         if key.accepted(sent_at):
             log.warning("API key accepted again: jobs resume", extra={"provider": pc.name})
+            if self.events is not None:
+                self.events.key_accepted(pc.name, outcome.http_status)
         now = self.clock.time()
         if isinstance(outcome, Finished):
             await self._finish(job, pc, outcome, now)
@@ -396,9 +415,15 @@ class Poller:
             self._on_finished()
 
     def _refused(
-        self, key: Key, pc: ProviderConfig, reason: str, ctx: dict[str, object], sent_at: float
+        self,
+        key: Key,
+        pc: ProviderConfig,
+        exc: Unauthorized,
+        ctx: dict[str, object],
+        sent_at: float,
     ) -> None:
         """The provider refused the key while polling the job in `ctx`: pause the key."""
+        reason = str(exc)
         probe_after = max(pc.rate_window, min(60.0, pc.poll_interval * 4))
         refusal = key.refused(sent_at, reason, probe_after)
         if refusal is Refusal.STALE:
@@ -407,6 +432,8 @@ class Poller:
                 extra=ctx,
             )
         elif refusal is Refusal.NEW:
+            if self.events is not None:
+                self.events.key_refused(pc.name, exc.http_status)
             log.error(
                 "API KEY REFUSED (%s): jobs on this key are paused; probing every %.1fs",
                 reason,

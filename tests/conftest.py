@@ -21,6 +21,7 @@ from relayd.mock import receiver as mock_receiver
 from relayd.models import JobState
 from relayd.store import SqliteStore
 from relayd.views import totals
+from tests import openapi
 from tests.pg import pg_cluster, pg_url  # noqa: F401 - fixtures for every test
 from tests.redis_server import redis_server, redis_url  # noqa: F401 - fixtures for every test
 from tests.stores import backend, sqlite_store  # noqa: F401 - fixtures for every test
@@ -139,9 +140,11 @@ async def api(
     ):
         text = await resp.text()
         try:
-            return resp.status, json.loads(text)
+            answer = json.loads(text)
         except ValueError:
-            return resp.status, text
+            answer = text
+    openapi.check(method, path, resp.status, answer, resp.content_type)
+    return resp.status, answer
 
 
 async def eventually(

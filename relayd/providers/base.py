@@ -94,7 +94,7 @@ def classify(answer: Answer, what: str, detail: Callable[[Answer], str] | None =
     said = detail(answer) if detail else None
     if status in (401, 403):
         extra = f" ({said})" if said else ""
-        raise Unauthorized(f"HTTP {status} for {what}: check the API key{extra}")
+        raise Unauthorized(f"HTTP {status} for {what}: check the API key{extra}", status)
     if status == 404:
         raise NotFound(f"HTTP 404 for {what}" + (f": {said}" if said else ""))
     raise Retryable(f"HTTP {status} for {what}: {said or snippet(answer.body)}")

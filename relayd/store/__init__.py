@@ -60,6 +60,11 @@ class Store(Protocol):
         docId) is left as it is (created False)."""
         ...
 
+    def add_event(self, doc_id: str, deliveries: Sequence[NewDelivery], *, now: float) -> bool:
+        """An operational event (relayd/events.py): a job of the pseudo-provider `relayd`,
+        finished at once, with its deliveries, in one transaction; False if `doc_id` is known."""
+        ...
+
     # -- reading
 
     def get_job(self, provider: str, doc_id: str) -> Job | None: ...

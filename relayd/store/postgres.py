@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from relayd.errors import StoreError
 from relayd.models import (
     ENDED_JOB_STATES,
+    EVENTS_PROVIDER,
     FINAL_JOB_STATES,
     HISTORY_FIRST,
     HISTORY_KEPT,
@@ -147,6 +148,31 @@ class PostgresStore(PostgresClaims):
             if any(created for _, created in out):
                 cur.execute(f"NOTIFY {JOBS_CHANNEL}")  # sent at the commit
         return out
+
+    def add_event(self, doc_id: str, deliveries: Sequence[NewDelivery], *, now: float) -> bool:
+        event = deliveries[0].event
+        with self._link.write() as cur:
+            row = cur.execute(
+                "INSERT INTO jobs (provider, doc_id, state, source, submitted_at, next_poll_at,"
+                " updated_at, result_status, last_status, result, finished_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (provider, doc_id) DO NOTHING RETURNING id",
+                (EVENTS_PROVIDER, doc_id, JobState.DELIVERING, EVENTS_PROVIDER, now, now, now,
+                 event, event, _text(deliveries[0].payload), now),
+            ).fetchone()  # fmt: skip
+            if row is None:
+                return False
+            cur.executemany(
+                "INSERT INTO deliveries (job_id, endpoint, event, webhook_id, payload, state,"
+                " next_attempt_at, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                [
+                    (row[0], d.endpoint, d.event, webhook_id(EVENTS_PROVIDER, doc_id, d.event),
+                     _text(d.payload), DeliveryState.PENDING, now, now)
+                    for d in deliveries
+                ],
+            )  # fmt: skip
+            cur.execute(f"NOTIFY {DELIVERIES_CHANNEL}")
+        return True
 
     # -- readiness and upkeep ---------------------------------------------------------------------
 

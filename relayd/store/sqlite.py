@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from relayd.models import (
+    EVENTS_PROVIDER,
     FINAL_JOB_STATES,
     HISTORY_FIRST,
     HISTORY_KEPT,
@@ -70,6 +71,31 @@ class SqliteStore(SqliteFile):
                 ).fetchone()
                 out.append((job_row(row), False))
         return out
+
+    @writes
+    def add_event(self, doc_id: str, deliveries: Sequence[NewDelivery], *, now: float) -> bool:
+        event = deliveries[0].event
+        with self._write() as db:
+            row = db.execute(
+                "INSERT INTO jobs (provider, doc_id, state, source, submitted_at, next_poll_at,"
+                " updated_at, result_status, last_status, result, finished_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (provider, doc_id) DO NOTHING"
+                " RETURNING id",
+                (EVENTS_PROVIDER, doc_id, JobState.DELIVERING, EVENTS_PROVIDER, now, now, now,
+                 event, event, deliveries[0].payload, now),
+            ).fetchone()  # fmt: skip
+            if row is None:
+                return False
+            db.executemany(
+                "INSERT INTO deliveries (job_id, endpoint, event, webhook_id, payload, state,"
+                " next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (row[0], d.endpoint, d.event, webhook_id(EVENTS_PROVIDER, doc_id, d.event),
+                     d.payload, DeliveryState.PENDING, now, now)
+                    for d in deliveries
+                ],
+            )  # fmt: skip
+        return True
 
     # -- reading --------------------------------------------------------------------------------
 
