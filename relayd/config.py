@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from relayd.errors import ConfigError
+from relayd.models import EVENTS_PROVIDER
 from relayd.signing import decode_secret
 
 log = logging.getLogger("relayd.config")
@@ -469,6 +470,8 @@ def _endpoint(p: _Parser, name: str, data: object) -> EndpointConfig:
 
 def _provider(p: _Parser, name: str, data: object, endpoints: Collection[str]) -> ProviderConfig:
     t = _Table(p, f"providers.{_toml_key(name)}", data, _PROVIDER_KEYS)
+    if name == EVENTS_PROVIDER:
+        p.problem(f"providers.{name}", "the name is relayd's own (its operational events)")
     names: tuple[str, ...] = t.take("endpoints", _str_list, (), required=True)
     for index, endpoint in enumerate(names):
         if endpoint not in endpoints:

@@ -15,6 +15,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from relayd.config import Config
+from relayd.errors import ConfigError
 from relayd.events import DEAD, DOWN, UP, Events
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
@@ -169,3 +170,12 @@ async def test_a_flapping_endpoint_sends_one_down_and_one_up_per_retry_max(
     await events.drain()
     assert store.events == [(DOWN, ["ops"]), (UP, ["ops"]), (DOWN, ["ops"])]
     await asyncio.sleep(0)
+
+
+def test_a_provider_may_not_take_relayds_own_name(tmp_path: Path) -> None:
+    """Events are jobs of the pseudo-provider `relayd`: a provider table of that name would
+    mix its jobs with them (and its dead deliveries would raise no event)."""
+    data = config_dict(tmp_path, 1, {"app": 2})
+    data["providers"]["relayd"] = data["providers"].pop("main")
+    with pytest.raises(ConfigError, match=r"providers\.relayd: the name is relayd.s own"):
+        make_config(data, tmp_path)
