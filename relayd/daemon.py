@@ -126,6 +126,11 @@ class Daemon:
         return stored
 
     def _schedule(self, stored: list[tuple[Job, bool]]) -> None:
+        for job, created in stored:
+            if created:  # the job's trace begins: a span for its submission, once stored
+                with tracing.job_span("relayd.submit", job.provider, job.doc_id,
+                                      **{"relayd.source": job.source}):  # fmt: skip
+                    pass
         if self.claimer is not None:  # a shared store: the job goes to whoever claims it
             if any(created for _, created in stored):
                 self.claimer.wake()

@@ -46,6 +46,9 @@ class EndpointState:
     failures: int = 0  # consecutive failed attempts
     probe_at: float = 0.0  # wall time; while probing, no attempt before this
     since: float | None = None  # wall time `condition` last changed; None: not since start
+    # while the due deliveries are read (off the loop), the ids whose attempts ended meanwhile:
+    # the read may still show them pending, and they must not be sent again
+    ended_while_reading: set[int] | None = None
 
     @property
     def probing(self) -> bool:
@@ -116,7 +119,7 @@ class Deliverer:
                 self.events.check(wall)
             for name, endpoint in self.config.endpoints.items():
                 try:
-                    delay = self._dispatch(name, endpoint, wall)
+                    delay = await self._dispatch(name, endpoint, wall)
                 except StoreError as exc:
                     log.error("cannot read deliveries: %s", exc, extra={"endpoint": name})
                     delay = RECHECK
@@ -125,7 +128,7 @@ class Deliverer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
 
-    def _dispatch(self, name: str, endpoint: EndpointConfig, wall: float) -> float | None:
+    async def _dispatch(self, name: str, endpoint: EndpointConfig, wall: float) -> float | None:
         """Start the due deliveries this endpoint has room for; return when to look again."""
         state = self.endpoints.setdefault(name, EndpointState())
         if state.probing:
@@ -138,19 +141,29 @@ class Deliverer:
             room = endpoint.max_in_flight - len(state.in_flight)
             if room <= 0:
                 return None
-        due = self.store.due_deliveries(name, wall, room + len(state.in_flight))
+        store = self.store
+        ended: set[int] = set()
+        state.ended_while_reading = ended
+        try:
+            due = await store.read(store.due_deliveries, name, wall, room + len(state.in_flight))
+        finally:
+            state.ended_while_reading = None
+        if state.probing:  # it may have gone down while the list was read
+            if state.in_flight:
+                return None
+            room = 1
         started = 0
         for delivery in due:
             if started >= room:
                 return 0.0
-            if delivery.id in state.in_flight:
+            if delivery.id in state.in_flight or delivery.id in ended:
                 continue
             state.in_flight.add(delivery.id)
             task = asyncio.create_task(self._attempt(endpoint, state, delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             started += 1
-        nxt = self.store.next_delivery_at(name, after=wall)
+        nxt = await store.read(store.next_delivery_at, name, after=wall)
         return None if nxt is None else max(0.0, nxt - wall)
 
     async def _attempt(self, endpoint: EndpointConfig, state: EndpointState, d: Delivery) -> None:
@@ -175,6 +188,8 @@ class Deliverer:
             log.exception("delivery attempt failed unexpectedly", extra=_context(endpoint, d))
         finally:
             state.in_flight.discard(d.id)
+            if state.ended_while_reading is not None:
+                state.ended_while_reading.add(d.id)
             self.wake()
 
     async def _post(self, endpoint: EndpointConfig, d: Delivery) -> Outcome:

@@ -243,7 +243,7 @@ class Poller:
         log context once the job is read."""
         wall = self.clock.time()
         try:
-            job = self.store.job_by_id(job_id)
+            job = await self.store.read(self.store.job_by_id, job_id)
         except StoreError:
             key.unused(slot)  # nothing was sent: the slot must not stay taken for good
             raise

@@ -1,5 +1,5 @@
-"""Tracing (SPEC §5, `traceparent`): every poll and every delivery attempt runs in an
-OpenTelemetry span, and every delivery carries a W3C `traceparent` header.
+"""Tracing (SPEC §5, `traceparent`): a job's submission, each of its polls and each delivery
+attempt is an OpenTelemetry span, and every delivery carries a W3C `traceparent` header.
 
 One trace per job, from its submission to its last delivery: the trace id is derived from the
 job (its provider and docId), not stored, so the spans of one job join up whichever relay made

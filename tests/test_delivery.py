@@ -59,10 +59,10 @@ async def test_a_slow_post_does_not_spin_the_delivery_loop(
         calls = 0
         original = daemon.deliverer._dispatch
 
-        def counting(*args: Any) -> float | None:
+        async def counting(*args: Any) -> float | None:
             nonlocal calls
             calls += 1
-            return original(*args)
+            return await original(*args)
 
         daemon.deliverer._dispatch = counting  # type: ignore[method-assign, assignment]
         await api(daemon, "POST", "/v1/jobs", {"docId": "slow-post"})

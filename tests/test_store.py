@@ -903,3 +903,30 @@ def test_a_serving_store_makes_the_loops_own_writes_in_its_writer_thread(db_path
         assert store.job_by_id(job_id).state == JobState.CANCELLED  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+async def test_a_serving_store_reads_for_the_polls_in_its_reader_thread(db_path: Path) -> None:
+    """`read` runs in the reader thread on its own connection (a read that waits for the disk
+    does not hold the loop), and sees what the writer committed."""
+    store = SqliteStore(db_path, serving=True)
+    try:
+        job_id = await store.run(add, store, "r-1")
+        gate = threading.Event()
+        seen: list[tuple[int, sqlite3.Connection]] = []
+
+        def held_read() -> object:
+            seen.append((threading.get_ident(), store._conn))
+            assert gate.wait(10), "the event loop was held while the reader worked"
+            return store.job_by_id(job_id)
+
+        pending = asyncio.ensure_future(store.read(held_read))
+        await asyncio.sleep(0)
+        gate.set()
+        job = await pending
+        assert job is not None and job.doc_id == "r-1"  # type: ignore[attr-defined]
+        [(thread, conn)] = seen
+        assert thread != threading.get_ident() and conn is store._rdb
+        assert conn is not store._db and conn is not store._wdb
+    finally:
+        store.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("relayd-")]

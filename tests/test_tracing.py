@@ -1,6 +1,7 @@
-"""Tracing (relayd/tracing.py) with the OpenTelemetry SDK's in-memory exporter: every poll and
-delivery attempt is a span of the job's one trace, every delivery carries a `traceparent` of
-that trace and its attempt's span, and a log line written inside a span carries the trace id."""
+"""Tracing (relayd/tracing.py) with the OpenTelemetry SDK's in-memory exporter: the submission,
+every poll and every delivery attempt are spans of the job's one trace, every delivery carries
+a `traceparent` of that trace and its attempt's span, and a log line written inside a span
+carries the trace id."""
 
 from __future__ import annotations
 
@@ -56,10 +57,12 @@ async def test_a_jobs_polls_and_delivery_are_one_trace_and_the_header_carries_it
     expected = trace.get_current_span(tracing.job_context("main", "tr-1")).get_span_context()
     assert trace_id == f"{expected.trace_id:032x}"
     finished = spans.get_finished_spans()
+    [submit] = [s for s in finished if s.name == "relayd.submit"]
     polls = [s for s in finished if s.name == "relayd.poll"]
     [deliver] = [s for s in finished if s.name == "relayd.deliver"]
     assert len(polls) >= 2  # queued, then finished
-    for span in [*polls, deliver]:
+    assert submit.attributes is not None and submit.attributes["relayd.source"] == "api"
+    for span in [submit, *polls, deliver]:
         assert span.context is not None and span.parent is not None
         assert f"{span.context.trace_id:032x}" == trace_id  # one trace for the job
         assert span.parent.span_id == expected.span_id  # the job's root

@@ -51,6 +51,11 @@ class Store(Protocol):
         thread of its own (a serving SQLite store does) or call it there and then."""
         ...
 
+    async def read(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call `fn`, one of this store's reads, where the event loop need not wait for it
+        (the polls' and deliveries' own reads); as `run`, maybe in a thread of its own."""
+        ...
+
     # -- intake
 
     def add_jobs(

@@ -89,6 +89,9 @@ class PostgresStore(PostgresClaims):
         """`fn(*args, **kwargs)` there and then: the connection is the event loop's."""
         return fn(*args, **kwargs)
 
+    async def read(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return fn(*args, **kwargs)
+
     def _migrate(self) -> None:
         """Run each schema version the database lacks, under a transaction-level advisory lock:
         relays starting together wait for the first, which does it, and then find it done."""

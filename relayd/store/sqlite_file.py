@@ -76,6 +76,8 @@ class SqliteFile:
         self._stop_assist = threading.Event()
         self._writer: ThreadPoolExecutor | None = None
         self._writer_ident: int | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_ident: int | None = None
         try:
             if readonly:
                 uri = path.absolute().as_uri() + "?mode=ro"  # as_uri escapes '#', '?', '%'
@@ -88,7 +90,7 @@ class SqliteFile:
                 self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._db.execute("PRAGMA journal_mode=WAL")
             configure(self._db, readonly=readonly)
-            self._wdb = self._db
+            self._wdb = self._rdb = self._db
             if not readonly:
                 self._migrate()
             if serving and not readonly:
@@ -98,6 +100,12 @@ class SqliteFile:
                 configure(self._wdb, readonly=False)
                 self._writer = ThreadPoolExecutor(1, "relayd-writer", self._writer_started)
                 self._writer.submit(lambda: None).result()  # the thread is there, its id known
+                self._rdb = sqlite3.connect(
+                    path, isolation_level=None, timeout=5.0, check_same_thread=False
+                )
+                configure(self._rdb, readonly=False)
+                self._reader = ThreadPoolExecutor(1, "relayd-reader", self._reader_started)
+                self._reader.submit(lambda: None).result()
                 assist = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 self._assist = threading.Thread(
                     target=self._checkpoints, args=(assist,), name="relayd-checkpoint"
@@ -107,6 +115,10 @@ class SqliteFile:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
+            self._rdb.close()
         if self._writer is not None:
             self._writer.shutdown(wait=True)  # what was asked is done first
             self._writer = None
@@ -119,6 +131,18 @@ class SqliteFile:
     def _writer_started(self) -> None:
         self._writer_ident = threading.get_ident()
 
+    def _reader_started(self) -> None:
+        self._reader_ident = threading.get_ident()
+
+    async def read(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`fn(*args, **kwargs)`, one of this store's reads, in the reader thread when there is
+        one: for the reads the polls and deliveries make as they go. A read on the event loop
+        never waits for the writer (WAL), but it may wait for the disk: under the soak's load
+        one such read held the loop 23 ms with 0.3 ms of CPU."""
+        if self._reader is None:
+            return fn(*args, **kwargs)
+        return await asyncio.wrap_future(self._reader.submit(fn, *args, **kwargs))
+
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn(*args, **kwargs)`, one of this store's methods, in the writer thread when there
         is one (a serving store), so that the event loop goes on meanwhile; else here."""
@@ -128,9 +152,13 @@ class SqliteFile:
 
     @property
     def _conn(self) -> sqlite3.Connection:
-        """The connection of the thread that asks: the writer's in the writer thread."""
-        if self._writer_ident is not None and threading.get_ident() == self._writer_ident:
+        """The connection of the thread that asks: the writer's in the writer thread, the
+        reader's in the reader thread, else the event loop's."""
+        me = threading.get_ident()
+        if me == self._writer_ident:
             return self._wdb
+        if me == self._reader_ident:
+            return self._rdb
         return self._db
 
     def _checkpoints(self, db: sqlite3.Connection) -> None:
