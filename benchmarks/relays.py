@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import random
@@ -40,10 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psycopg
 import tomli_w
 
+from benchmarks.shared import call, wait_up
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from tests.pg import PgCluster, _user, bindir
@@ -89,24 +88,6 @@ def config(root: Path, name: str, pport: int, rport: int, store: str) -> Path:
     return path
 
 
-async def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body)
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s,
-        s.request(method, "http://relayd" + path, data=data) as resp,
-    ):
-        return resp.status, await resp.json()
-
-
-async def wait_up(sock: Path) -> None:
-    for _ in range(1500):
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            if (await call(sock, "GET", "/healthz"))[0] == 200:
-                return
-        await asyncio.sleep(0.02)
-    raise RuntimeError(f"{sock}: relayd never came up")
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -134,7 +115,7 @@ class Row:
             )
             self.procs.append(proc)
             self.socks.append(path.parent / "relayd.sock")
-        await asyncio.gather(*(wait_up(s) for s in self.socks))
+        await asyncio.gather(*(wait_up(s, seconds=30.0) for s in self.socks))
         self.cpu_at_start = sum(cpu_seconds(p.pid) for p in self.procs)  # start-up not counted
 
     async def feed(

@@ -113,8 +113,8 @@ async def call(sock: Path, method: str, path: str, body: Any = None) -> tuple[in
         return resp.status, await resp.json()
 
 
-async def wait_up(sock: Path) -> None:
-    for _ in range(500):
+async def wait_up(sock: Path, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
         with contextlib.suppress(aiohttp.ClientError, OSError):
             if (await call(sock, "GET", "/healthz"))[0] == 200:
                 return

@@ -31,16 +31,12 @@ import aiohttp
 import tomli_w
 from aiohttp import web
 
+from benchmarks.relays import cpu_seconds
 from relayd.mock import provider as mock_provider
 from relayd.mock import receiver as mock_receiver
 from relayd.mock.net import serve_app
 
 API_KEY = "bench-tracing-key"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def collector() -> tuple[list[int], web.AppRunner, int]:

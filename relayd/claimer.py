@@ -84,6 +84,8 @@ class Claimer:
                 self._reachable()
             except StoreError as exc:
                 self._unreachable(str(exc))
+            except Exception:  # a bug must not stop the claiming for good: the next round tries
+                log.exception("claiming failed unexpectedly")
             timeout = min(CLAIM_EVERY, max(0.0, beat_due - loop.time()))
             try:
                 await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
