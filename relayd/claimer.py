@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from relayd.errors import StoreError
+from relayd.store.postgres_claims import SHARE_SLACK
 
 if TYPE_CHECKING:
     from relayd.poller import Poller
@@ -33,7 +34,6 @@ log = logging.getLogger("relayd.claimer")
 
 CLAIM_EVERY = 1.0  # seconds between claims when nothing wakes them (a dead relay's lease ends)
 LISTEN_RETRY = 1.0  # seconds before listening again after the connection was lost
-REBALANCE_SLACK = 0.1  # a relay holding more than its share by this much gives the rest back
 
 
 class Claimer:
@@ -103,10 +103,11 @@ class Claimer:
             log.warning("%d job(s) now polled by another relay (this one's lease ran out)",
                         len(beat.lost))  # fmt: skip
         share = math.ceil(beat.polling / self.relays)
-        excess = len(poller.owned or ()) - math.ceil(share * (1 + REBALANCE_SLACK))
+        excess = len(poller.owned or ()) - math.ceil(share * (1 + SHARE_SLACK))
         if excess > 0 and self.relays > 1:
-            given = poller.give_back(excess)
-            await store.run(store.release_jobs, given)
+            given = poller.spare(excess)
+            await store.run(store.release_jobs, given)  # first: a failure changes nothing
+            poller.disown(set(given))
             log.info("gave %d job(s) back: %d relays share %d", len(given), self.relays,
                      beat.polling)  # fmt: skip
 

@@ -113,16 +113,13 @@ class Poller:
             for job_id in ids:
                 key.forget(job_id)
 
-    def give_back(self, count: int) -> list[int]:
-        """Up to `count` scheduled jobs (not in flight) dropped, for other relays to claim."""
-        assert self.owned is not None
-        given: list[int] = []
+    def spare(self, count: int) -> list[int]:
+        """Up to `count` jobs waiting for their next poll (none in flight): those a relay above
+        its share gives back (they are dropped with `disown` once the store has them back)."""
+        spare: list[int] = []
         for key in self.keys:
-            for job_id in key.scheduled()[: count - len(given)]:
-                key.forget(job_id)
-                given.append(job_id)
-        self.owned -= set(given)
-        return given
+            spare += key.scheduled()[: count - len(spare)]
+        return spare
 
     def _schedule_all(self) -> int:
         if self.owned is not None:

@@ -289,3 +289,29 @@ async def test_migrate_store_copies_a_sqlite_relay_and_the_relay_goes_on_there(
     async with running(make_config(data, tmp_path)):
         got = await receiver.wait_for(2)
     assert sorted(r.json()["docId"] for r in got) == ["was-pending", "was-polling"]
+
+
+async def test_a_relay_that_joins_gets_a_share_of_the_jobs(
+    tmp_path: Path, receiver: Receiver, pg_url: str
+) -> None:
+    """One relay holds all ten jobs; a second joins: at the first's next heartbeat it gives
+    back what is over its share, and the newcomer claims it."""
+    mock, runner, port = await mock_provider.serve(window=0.25, limit=8, ready_after=3600)
+    try:
+        data = [pg_config(tmp_path / n, port, receiver.port, pg_url) for n in ("a", "b")]
+        for d in data:
+            d["relayd"]["store_lease"] = "600ms"  # a heartbeat every 200 ms
+        first, second = (make_config(d, tmp_path) for d in data)
+        async with running(first) as a:
+            await api(a, "POST", "/v1/jobs", [{"docId": f"share-{i}"} for i in range(10)])
+            await eventually(lambda: len(a.poller.owned or ()) == 10, what="a holds all")
+            async with running(second) as b:
+
+                def shared() -> bool:
+                    mine, theirs = a.poller.owned or set(), b.poller.owned or set()
+                    return len(theirs) >= 4 and len(mine) <= 6 and not mine & theirs
+
+                await eventually(shared, what="the jobs shared out")
+        assert mock.rejected == 0
+    finally:
+        await runner.cleanup()

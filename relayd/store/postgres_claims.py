@@ -16,6 +16,7 @@ so the relays that LISTEN claim them within milliseconds, not at their next hear
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from relayd.models import Delivery, DeliveryState, JobState
@@ -24,6 +25,7 @@ from relayd.store.postgres_reads import PostgresReads
 from relayd.store.postgres_schema import DB_NOW, DELIVERIES_CHANNEL, JOBS_CHANNEL
 from relayd.store.rows import DELIVERY_COLUMNS, DELIVERY_FROM, delivery_row
 
+SHARE_SLACK = 0.1  # a relay holding more than its share by this much gives the rest back
 FORGET_RELAY_AFTER = 86400.0  # seconds a relay that left no goodbye stays listed (status)
 
 
@@ -101,13 +103,16 @@ class PostgresClaims(PostgresReads):
         """Take jobs of these providers that nobody holds, soonest due first, up to this
         relay's even share of all their jobs being polled; `greedy`: at least an even split of
         the free ones too (for jobs left free a while: their relay is gone, or every relay is
-        at its share). (id, provider, due) of each, and how many are still free after it. A
-        relay claims only what its config can poll."""
+        at its share), but never more than SHARE_SLACK over the share, where this relay's
+        heartbeat would give them back. (id, provider, due) of each, and how many are still
+        free after it. A relay claims only what its config can poll."""
         with self._link.write(synced=False) as cur:
             relays, polling, free, mine = self._counts(cur, providers)
-            limit = -(-polling // relays) - mine
-            if greedy:
-                limit = max(limit, -(-free // relays))
+            share = -(-polling // relays)
+            limit = share - mine
+            if greedy:  # never past what a heartbeat would give back (relayd/claimer.py)
+                cap = math.ceil(share * (1 + SHARE_SLACK))
+                limit = max(limit, min(-(-free // relays), cap - mine))
             if not free or limit <= 0:
                 return [], free
             rows = cur.execute(

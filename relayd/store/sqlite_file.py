@@ -25,9 +25,9 @@ from relayd.store.sqlite_schema import INDEXES, SCHEMA
 # shrinks it, below journal_size_limit). Past this size the checkpoint thread waits for the
 # readers (milliseconds) and truncates it: the WAL stays under this plus 50 ms of writes.
 WAL_LIMIT = 4 * 1024 * 1024
-# The commit that takes the WAL past this many pages copies them into the database first, on
-# the event loop: 1 MB at a time, not SQLite's 4 MB (with 40 KB rows, the longest commit went
-# from 15 ms to 5 ms; benchmarks/README.md, "Soak").
+# The commit that takes the WAL past this many pages copies them into the database first (in
+# the writer thread): 1 MB at a time, not SQLite's 4 MB (with 40 KB rows, the longest commit
+# went from 15 ms to 5 ms; benchmarks/README.md, "Soak").
 CHECKPOINT_PAGES = 250
 ASSIST_EVERY = 0.05  # seconds between the serving store's background checkpoints
 
@@ -59,7 +59,9 @@ class SqliteFile:
     never waits for a commit's fsync, a checkpoint or a pruning batch: it awaits them through
     `run` and reads on its own connection meanwhile (WAL: readers never wait for the writer,
     and see each commit once it is made). The soak found those waits to be the loop's longest
-    stalls, 50-100 ms under a saturated disk (benchmarks/README.md, "Soak").
+    stalls, 50-100 ms under a saturated disk (benchmarks/README.md, "Soak"). A reader thread,
+    with a third connection, takes the reads polls and deliveries make as they go (`read`):
+    those may wait for the disk too.
 
     The checkpoint thread: the commit that crosses
     CHECKPOINT_PAGES still checkpoints, as SQLite does, because only a checkpoint made between
