@@ -24,6 +24,12 @@ class Denied:
     reason: str
 
 
+def check_limits(limit: int, window: float, lease: float) -> None:
+    """What every shared budget refuses to be built with."""
+    if limit < 1 or window <= 0 or lease < 0:
+        raise ValueError("limit must be >= 1, window > 0 and lease >= 0")
+
+
 class KeyBudget(Protocol):
     """One API key's budget shared by every relay that uses it. Every method raises
     SharedBudgetUnavailable when its keeper cannot be reached."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +26,8 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from relayd.budget import BURST_SHARE
-from relayd.budget_grants import Denied, Grant, KeyBudget
-from relayd.budget_shared import SharedGrants
+from relayd.budget_grants import Denied, Grant, KeyBudget, check_limits
+from relayd.budget_shared import GrantSource
 from relayd.clock import Clock, SystemClock
 from relayd.errors import SharedBudgetUnavailable
 from relayd.store.postgres_schema import DB_NOW
@@ -88,8 +87,7 @@ class StoreBudget(KeyBudget):
         instance: str,
         burst: int | None = None,
     ) -> None:
-        if limit < 1 or window <= 0 or lease < 0:
-            raise ValueError("limit must be >= 1, window > 0 and lease >= 0")
+        check_limits(limit, window, lease)
         self._link = link
         self.key = key
         self.limit = limit
@@ -257,8 +255,10 @@ class StoreBudget(KeyBudget):
         }
 
 
-class StoreBudgets:
+class StoreBudgets(GrantSource):
     """The budgets of every key of this relay, in the PostgreSQL store it runs on."""
+
+    keeper = "store"
 
     def __init__(
         self,
@@ -276,28 +276,15 @@ class StoreBudgets:
         self.instance = instance
         self.retry = retry
 
-    def grants(
-        self,
-        budget: KeyBudget,
-        *,
-        providers: Callable[[], list[str]],
-        on_grant: Callable[[], None],
-    ) -> SharedGrants:
-        return SharedGrants(
-            budget,
-            where=self.where,
-            keeper="store",
-            providers=providers,
-            on_grant=on_grant,
-            retry=min(self.retry, budget.window),
-            clock=self._clock,
-        )
-
     def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> StoreBudget:
         """Keyed by a hash of the API key: the key itself never reaches the database."""
-        digest = hashlib.sha256(api_key.encode()).hexdigest()
         return StoreBudget(
-            self._link, digest, limit=limit, window=window, lease=lease, instance=self.instance
+            self._link,
+            self.digest(api_key),
+            limit=limit,
+            window=window,
+            lease=lease,
+            instance=self.instance,
         )
 
     async def close(self) -> None:

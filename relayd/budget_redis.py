@@ -26,7 +26,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from relayd.budget import BURST_SHARE
-from relayd.budget_grants import Denied, Grant
+from relayd.budget_grants import Denied, Grant, check_limits
 from relayd.errors import SharedBudgetUnavailable
 
 EPOCH_TTL = 7 * 24 * 3600  # seconds the reset marker outlives the key's last use
@@ -233,8 +233,7 @@ class SharedBudget:
     ) -> None:
         if not _HASH.fullmatch(api_key_hash):
             raise ValueError("api_key_hash must be the sha256 hex digest of the key, not the key")
-        if limit < 1 or window <= 0 or lease < 0:
-            raise ValueError("limit must be >= 1, window > 0 and lease >= 0")
+        check_limits(limit, window, lease)
         if not instance or "|" in instance:
             raise ValueError("instance must be non-empty and must not contain '|'")
         self.limit = limit

@@ -212,7 +212,39 @@ class SharedGrants:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class SharedBudgets:
+class GrantSource:
+    """What the keepers of shared budgets (Redis here, the PostgreSQL store in budget_pg.py)
+    do alike: one SharedGrants per key, and a key named by its hash."""
+
+    keeper = "redis"  # the name status gives the keeper's address under
+    where: str
+    retry: float
+    _clock: Clock
+
+    def grants(
+        self,
+        budget: KeyBudget,
+        *,
+        providers: Callable[[], list[str]],
+        on_grant: Callable[[], None],
+    ) -> SharedGrants:
+        return SharedGrants(
+            budget,
+            where=self.where,
+            keeper=self.keeper,
+            providers=providers,
+            on_grant=on_grant,
+            retry=min(self.retry, budget.window),
+            clock=self._clock,
+        )
+
+    @staticmethod
+    def digest(api_key: str) -> str:
+        """The key as its keeper knows it: the key itself never leaves relayd."""
+        return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class SharedBudgets(GrantSource):
     """One Redis connection for every key of this relayd; one SharedGrants per key."""
 
     def __init__(self, url: str, *, retry: float = 1.0, clock: Clock | None = None) -> None:
@@ -228,29 +260,17 @@ class SharedBudgets:
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.retry = retry
 
-    def grants(
-        self,
-        budget: KeyBudget,
-        *,
-        providers: Callable[[], list[str]],
-        on_grant: Callable[[], None],
-    ) -> SharedGrants:
-        return SharedGrants(
-            budget,
-            where=self.where,
-            providers=providers,
-            on_grant=on_grant,
-            retry=min(self.retry, budget.window),
-            clock=self._clock,
-        )
-
     def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> SharedBudget:
         """Keyed by a hash of the API key: the key itself never reaches Redis."""
         from relayd.budget_redis import SharedBudget
 
-        digest = hashlib.sha256(api_key.encode()).hexdigest()
         return SharedBudget(
-            self.client, digest, limit=limit, window=window, lease=lease, instance=self.instance
+            self.client,
+            self.digest(api_key),
+            limit=limit,
+            window=window,
+            lease=lease,
+            instance=self.instance,
         )
 
     async def close(self) -> None:
