@@ -90,7 +90,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 # relayd run, with the probes; one JSON line per second to the file named by SOAK_PROBE
 WRAPPER = """
-import asyncio, asyncio.events, gc, json, os, sys, time
+import asyncio, asyncio.events, gc, json, os, sys, threading, time, traceback
 from relayd import cli, daemon
 from relayd.store import sqlite
 
@@ -123,17 +123,39 @@ def timed_prune(self, **kwargs):
         batches.append(time.perf_counter() - started)
 sqlite.SqliteStore.prune = timed_prune
 
+# A sampler thread: while one callback holds the loop past 20 ms, the loop thread's stack every
+# 10 ms (what it is doing, not only which callback), kept with that callback's entry.
+loop_thread = threading.get_ident()
+current = [0, 0.0, []]  # callback number, when it started, the stacks sampled during it
+def sample():
+    while True:
+        time.sleep(0.01)
+        number, started, stacks = current
+        if started and time.perf_counter() - started > 0.02 and len(stacks) < 20:
+            frame = sys._current_frames().get(loop_thread)
+            if frame is not None and current[0] == number:
+                stacks.append(" < ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})"
+                                         for f in reversed(traceback.extract_stack(frame)[-12:])))
+threading.Thread(target=sample, daemon=True).start()
+
 step = asyncio.events.Handle._run
 def timed_step(self):  # one callback: one uninterrupted hold of the event loop
+    owner = getattr(self._callback, "__self__", None)
+    coro = getattr(owner, "get_coro", lambda: None)()
+    frame = getattr(coro, "cr_frame", None)
+    request = frame.f_locals.get("request") if frame is not None else None  # a request handler's
+    stacks = []
     started, cpu = time.perf_counter(), time.thread_time()
+    current[:] = [current[0] + 1, started, stacks]
     step(self)
     took = time.perf_counter() - started
+    current[1] = 0.0
     if took > 0.005:
         cpu = time.thread_time() - cpu
-        owner = getattr(self._callback, "__self__", None)
-        coro = getattr(owner, "get_coro", lambda: None)()
         name = getattr(coro, "__qualname__", None) or repr(self._callback)[:60]
-        long_steps.append((round(took * 1000, 2), round(cpu * 1000, 2), name))
+        if request is not None and hasattr(request, "path"):
+            name += f" {request.method} {request.path}"
+        long_steps.append((round(took * 1000, 2), round(cpu * 1000, 2), name, stacks))
 asyncio.events.Handle._run = timed_step
 
 async def probe():
@@ -235,8 +257,10 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)  # ms
     batches: list[float] = field(default_factory=list)  # ms
-    # callbacks that held the loop over 5 ms: (wall ms, CPU ms of the loop's thread, coroutine)
-    steps: list[tuple[float, float, str]] = field(default_factory=list)
+    # callbacks that held the loop over 5 ms: (wall ms, CPU ms of the loop's thread, coroutine
+    # with the request's method and path for a request handler, the loop's stack sampled every
+    # 10 ms after the first 20)
+    steps: list[tuple[float, float, str, list[str]]] = field(default_factory=list)
     collections: list[tuple[float, int]] = field(default_factory=list)  # GC over 2 ms: (ms, gen)
     paced_from: float = 0.0  # wall time the paced phase began
     seconds: float = 0.0  # the saturated phase: how long
@@ -373,10 +397,15 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         print(f"  loop lag (paced)  p99 {pct(run.lags, 0.99):.1f} ms, max {max(run.lags):.1f} ms "
               f"({len(run.lags):,} samples at {args.paced_rate} jobs/s)")  # fmt: skip
         longest = sorted(run.steps, reverse=True)
-        over = collections.Counter(name for ms, _, name in longest if ms > 20)
-        wall, cpu, name = longest[0] if longest else (0.0, 0.0, "-")
+        over = collections.Counter(name for ms, _, name, _ in longest if ms > 20)
+        wall, cpu, name, stacks = longest[0] if longest else (0.0, 0.0, "-", [])
         print(f"  longest callback  {wall:.1f} ms ({cpu:.1f} ms of CPU, {name}); over 20 ms:"
               f" {dict(over) or 'none'}")  # fmt: skip
+        for ms, cpu, name, stacks in longest[:5]:
+            if stacks:  # where the loop was, sampled while it was held
+                print(f"    {ms:.1f} ms, {name}:")
+                for stack, n in collections.Counter(stacks).most_common(3):
+                    print(f"      {n} x {stack}")
         if run.collections:
             ms, gen = max(run.collections)
             print(f"  garbage collections over 2 ms: {len(run.collections)}, longest {ms:.1f} ms"

@@ -35,10 +35,12 @@ from relayd.retention import (
     BATCH_TARGET,
     FIRST_BATCH,
     MAX_BATCH,
+    MAX_HOLD,
     MAX_PASS_GAP,
     MIN_BATCH,
     MIN_PASS_GAP,
     cutoffs,
+    hold_target,
     next_batch,
     pass_gap,
 )
@@ -77,28 +79,44 @@ def test_batches_grow_while_quick_and_shrink_when_slow() -> None:
     assert next_batch(64, BATCH_TARGET * 3) == 32
     assert next_batch(MAX_BATCH, 0.0) == MAX_BATCH
     assert next_batch(MIN_BATCH, 1.0) == MIN_BATCH
+    assert next_batch(64, 0.02, target=0.03) == 64  # a busy writer's target
+    assert next_batch(64, 0.01, target=0.03) == 128
+
+
+def test_a_batch_may_hold_a_busy_writer_as_long_as_it_waited_for_it() -> None:
+    assert hold_target(0.0) == BATCH_TARGET  # an idle writer
+    assert hold_target(0.03) == 0.03  # half of a busy one
+    assert hold_target(10.0) == MAX_HOLD
 
 
 class QueuedStore:
-    """A store whose writes wait a long time in a queue before they run (a busy writer
-    thread), then prune a batch quickly; time is the fake `perf_counter` both advance."""
+    """A store whose writes wait `wait` seconds in a queue before they run (a busy writer
+    thread), then prune a batch in `per_batch` + `per_job` a job; time is the fake
+    `perf_counter` both advance."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(
+        self, jobs: int, *, wait: float = 1.0, per_batch: float = BATCH_TARGET / 10,
+        per_job: float = 0.0,
+    ) -> None:  # fmt: skip
         self.left = jobs
         self.now = 0.0
         self.asked: list[int] = []
+        self.wait, self.per_batch, self.per_job = wait, per_batch, per_job
+        self.held = 0.0  # seconds the batches held the writer, in all
 
     def perf_counter(self) -> float:
         return self.now
 
     async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        self.now += 1.0  # a second behind the writes queued before it
+        self.now += self.wait  # behind the writes queued before it
         return fn(*args, **kwargs)
 
     def prune(self, *, ended_before: float | None, dead_before: float | None, limit: int) -> Pruned:
         self.asked.append(limit)
-        self.now += BATCH_TARGET / 10
         taken, self.left = min(limit, self.left), self.left - min(limit, self.left)
+        took = self.per_batch + self.per_job * taken
+        self.now += took
+        self.held += took
         return Pruned(jobs=taken)
 
     def trim_run_times(self, keep: int) -> int:
@@ -125,6 +143,31 @@ async def test_a_batch_is_sized_by_its_own_time_not_its_wait_behind_other_writes
     assert removed.jobs == 10_000
     assert store.asked[:3] == [FIRST_BATCH, FIRST_BATCH * 2, FIRST_BATCH * 4]
     assert len(store.asked) < 15
+
+
+async def test_behind_a_busy_writer_pruning_takes_a_third_to_a_half_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each batch waits 30 ms behind the polls' and deliveries' commits and deleting a job
+    takes 1 ms (a slow disk). Batches held to 5 ms would get 5 jobs every 35 ms, 140 jobs/s,
+    and fell behind the soak's 250 jobs/s that ended; a batch may hold the writer about as
+    long as it waited: sizes settle where a batch holds it between half and all of its wait,
+    so pruning gets a third to a half of the writer, and no batch holds it past MAX_HOLD."""
+    store = QueuedStore(jobs=5_000, wait=0.030, per_batch=0.0, per_job=0.001)
+    fake_time = types.SimpleNamespace(perf_counter=store.perf_counter)
+    monkeypatch.setattr("relayd.retention.time", fake_time)
+    settings = types.SimpleNamespace(retention=1.0, dead_retention=1.0)
+    pruner = retention.Pruner(
+        store=cast(Store, store),
+        settings=lambda: cast(Settings, settings),
+        clock=FakeClock(),
+        metrics=Metrics(),
+    )
+    removed = await pruner.prune()
+    assert removed.jobs == 5_000
+    assert store.held / store.now > 1 / 3  # of the writer's time, the waits included
+    assert removed.jobs / store.now > 300  # jobs a second (held to 5 ms: 140)
+    assert max(store.asked[1:]) * store.per_job <= MAX_HOLD  # the first is a guess
 
 
 # -- through the daemon ---------------------------------------------------------------------------
