@@ -4,12 +4,8 @@ the grants the poller's dispatch takes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from relayd.budget_shared import SharedGrants
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -56,20 +52,3 @@ class KeyBudget(Protocol):
     async def snapshot(self) -> dict[str, Any]:
         """used, mine, limit, blocked_for, block_reason, instances, hungry, epoch."""
         ...
-
-
-class Budgets(Protocol):
-    """Where a relay's keys get their shared budgets: Redis (budget_shared.SharedBudgets) or the
-    PostgreSQL store (budget_pg.StoreBudgets)."""
-
-    def grants(
-        self,
-        budget: KeyBudget,
-        *,
-        providers: Callable[[], list[str]],
-        on_grant: Callable[[], None],
-    ) -> SharedGrants: ...
-
-    def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> KeyBudget: ...
-
-    async def close(self) -> None: ...

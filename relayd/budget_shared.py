@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from relayd.budget_grants import Denied, KeyBudget
@@ -210,6 +210,23 @@ class SharedGrants:
         tasks = [t for t in (self._task, *self._side) if t is not None]
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Budgets(Protocol):
+    """Where a relay's keys get their shared budgets: Redis (budget_shared.SharedBudgets) or the
+    PostgreSQL store (budget_pg.StoreBudgets)."""
+
+    def grants(
+        self,
+        budget: KeyBudget,
+        *,
+        providers: Callable[[], list[str]],
+        on_grant: Callable[[], None],
+    ) -> SharedGrants: ...
+
+    def budget(self, api_key: str, *, limit: int, window: float, lease: float) -> KeyBudget: ...
+
+    async def close(self) -> None: ...
 
 
 class GrantSource:

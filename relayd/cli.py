@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from relayd.cli_text import age, key_rows, size_text, store_line, table, when
 from relayd.errors import CliError
 
 EX_CONFIG = 78
@@ -162,67 +163,6 @@ async def _api(config: Any, method: str, path: str, body: Any = None) -> tuple[i
             raise CliError(f"cannot reach the daemon: {exc}") from None
 
 
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    """Aligned columns for a terminal; a column of numbers is right-aligned, header included."""
-    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [
-        bool(rows) and all(isinstance(row[i], int | float) or row[i] is None for row in rows)
-        for i in range(len(headers))
-    ]
-    return "\n".join(
-        "  ".join(
-            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
-        ).rstrip()
-        for r in cells
-    )
-
-
-def _when(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _age(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _key_rows(providers: dict[str, Any]) -> list[list[Any]]:
-    """One row per API key (providers sharing a key share its budget): its use of the window,
-    the jobs on it, how often each is polled, and how long the due backlog takes to clear."""
-    keys: dict[str, list[Any]] = {}
-    for name, p in providers.items():
-        b = p.get("budget")
-        if not b:
-            continue
-        if b["key"] in keys:
-            keys[b["key"]][1] += f",{name}"
-            continue
-        used = f"{b['budget_used']}/{b['rate_limit']} per {_age(b['rate_window'])}"
-        shared = b.get("shared") or {}
-        if "used_by_all" in shared:  # the key's use by every instance, from Redis
-            used = f"{shared['used_by_all']}/{b['rate_limit']} by {shared['instances']} relayd"
-        keys[b["key"]] = [
-            b["key"],
-            name,
-            used,
-            b["jobs_in_flight"],
-            f"every {_age(b['poll_interval_effective'])}" if b["jobs_in_flight"] else "-",
-            b["due_now"],
-            _age(b["backlog_clear_seconds"]),
-        ]
-    return list(keys.values())
-
-
 # -- commands ------------------------------------------------------------------------------------
 
 
@@ -313,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 jobs.get("delivering", 0),
                 jobs.get("delivered", 0),
                 sum(v for k, v in jobs.items() if k not in {"polling", "delivering", "delivered"}),
-                _age(p["oldest_waiting_seconds"]),
+                age(p["oldest_waiting_seconds"]),
                 f"PAUSED: {flag}" if flag else "",
             ]
         )
@@ -329,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "",
     ]
     print(table(rows, headers))
-    keys = _key_rows(info["providers"])
+    keys = key_rows(info["providers"])
     if keys:
         print()
         headers = ["KEY", "PROVIDERS", "USED", "JOBS", "EACH POLLED", "DUE NOW", "CLEARS IN"]
@@ -349,35 +289,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(table(rows, ["ENDPOINT", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED", ""]))
     if store := info.get("store"):
         print()
-        print(_store_line(store))
+        print(store_line(store))
     return 0
 
 
 VACUUM_STEP = 2048  # pages given back per transaction: a running daemon waits that long at most
-
-
-def _store_line(store: dict[str, Any]) -> str:
-    """The database's size and, from a running daemon, what retention removed."""
-    line = f"database {_bytes(store['bytes'])} (WAL {_bytes(store['wal_bytes'])})"
-    removed = (store.get("retention") or {}).get("removed")
-    if removed is not None:
-        line += (
-            f"; retention removed {removed['jobs']} job(s), {removed['polls']} poll(s),"
-            f" {removed['deliveries']} delivery(ies), {removed['attempts']} attempt(s)"
-            " since start"
-        )
-    return line
-
-
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = n / 1024
-    for unit in ("KB", "MB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -387,7 +303,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps([j.as_dict() for j in jobs], indent=2))
         return 0
     rows = [
-        [j.provider, j.doc_id, j.state, j.last_status, j.polls, _when(j.submitted_at)] for j in jobs
+        [j.provider, j.doc_id, j.state, j.last_status, j.polls, when(j.submitted_at)] for j in jobs
     ]
     print(table(rows, ["PROVIDER", "DOCID", "STATE", "LAST STATUS", "POLLS", "SUBMITTED"]))
     return 0
@@ -409,12 +325,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         assert detail is not None
         job = detail["job"]
         print(f"{job['provider']}/{job['docId']}: {job['state']}")
-        print(f"  submitted {_when(job['submitted_at'])} via {job['source']}, {job['polls']} polls")
+        print(f"  submitted {when(job['submitted_at'])} via {job['source']}, {job['polls']} polls")
         for n, poll in enumerate(detail["polls"]):
             if n == HISTORY_FIRST and detail["polls_dropped"]:
                 print(f"  ... {detail['polls_dropped']} poll(s) not kept ...")
             print(
-                f"  poll {_when(poll['at'])}  {poll['http_status'] or '-'}  {poll['outcome']}"
+                f"  poll {when(poll['at'])}  {poll['http_status'] or '-'}  {poll['outcome']}"
                 f"  {poll['detail'] or ''}".rstrip()
             )
         for d in detail["deliveries"]:
@@ -426,7 +342,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 if n == HISTORY_FIRST and d["history_dropped"]:
                     print(f"    ... {d['history_dropped']} attempt(s) not kept ...")
                 print(
-                    f"    {_when(a['at'])}  {a['status'] or '-'}  {a['outcome']}"
+                    f"    {when(a['at'])}  {a['status'] or '-'}  {a['outcome']}"
                     f"  {a['error'] or ''}".rstrip()
                 )
     return 0
@@ -532,7 +448,10 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         finally:
             store.close()
-        print(f"PostgreSQL tables {_bytes(before)} -> {_bytes(after)} (autovacuum does this too)")
+        print(
+            f"PostgreSQL tables {size_text(before)} -> {size_text(after)}"
+            " (autovacuum does this too)"
+        )
         return 0
     before = sum(store.disk_usage())
     free, page = store.free_pages()
@@ -556,7 +475,7 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
             )
     store.checkpoint()
     after = sum(store.disk_usage())
-    print(f"database {_bytes(before)} -> {_bytes(after)} ({page}-byte pages)")
+    print(f"database {size_text(before)} -> {size_text(after)} ({page}-byte pages)")
     return 0
 
 

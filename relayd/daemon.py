@@ -8,14 +8,10 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import ipaddress
 import logging
-import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -32,6 +28,7 @@ from relayd.events import Events
 from relayd.intake.envelope import Catalog
 from relayd.intake.group import GroupCommit
 from relayd.intake.spool import Spool, Watch, watch_directory
+from relayd.listen import bind_unix, bound_port, is_loopback, remove_stale_socket
 from relayd.metrics import Metrics
 from relayd.models import (
     FINAL_JOB_STATES,
@@ -50,7 +47,7 @@ from relayd.store import Store, open_store
 from relayd.views import job_detail, status_from_store, totals
 
 if TYPE_CHECKING:
-    from relayd.budget_grants import Budgets
+    from relayd.budget_shared import Budgets
     from relayd.claimer import Claimer
 
 log = logging.getLogger("relayd.daemon")
@@ -339,21 +336,21 @@ class Daemon:
         if settings.socket is not None:
             path = settings.socket
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_socket(path)
+            remove_stale_socket(path)
             app = make_app(self, limits=self.api_limits)
             # no sign-in on the socket: its file mode decides who connects
             add_console(app, self, Guard(None, self.sessions), clock=self.clock.time)
             runner = make_runner(app, self.api_limits)
             await runner.setup()
             runners.append(runner)
-            sock = _bind_unix(path)
+            sock = bind_unix(path)
             self._socket_bound = True
             await web.SockSite(runner, sock).start()  # listen() happens here, after the chmod
         if settings.http is not None:
             token = settings.api_token.value if settings.api_token else None
             host = settings.http.host
             warning = None
-            if not token and not _loopback(host):
+            if not token and not is_loopback(host):
                 warning = (
                     f"The TCP API listens on {host} with no api_token: anyone who can reach port"
                     f" {settings.http.port} can submit, cancel and redeliver jobs, here and in"
@@ -368,7 +365,7 @@ class Daemon:
             runners.append(runner)
             site = web.TCPSite(runner, host, settings.http.port)
             await site.start()
-            self.http_port = _bound_port(runner)
+            self.http_port = bound_port(runner)
         return runners
 
     async def _watchdog(self) -> None:
@@ -540,59 +537,6 @@ class Daemon:
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()
-
-
-def _remove_stale_socket(path: Path) -> None:
-    if not path.exists():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: left over from a crash
-    else:
-        raise OSError(f"{path}: another relayd is listening on this socket")
-    finally:
-        probe.close()
-
-
-def _bind_unix(path: Path) -> socket.socket:
-    """A unix socket bound at `path`, mode 0660, not listening yet.
-
-    bind() creates the file under relayd's umask, maybe more open than 0660. That does not
-    matter while nothing listens: a connect() is refused, and connect() checks the file's mode
-    when it is made. So chmod between bind and listen leaves no moment at which a connection
-    can be made through a more open mode. (Changing the umask around bind would do too, but
-    the umask is process-wide: other threads' files created meanwhile would get it.)
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        try:
-            os.chmod(path, 0o660)
-        except OSError:
-            path.unlink()
-            raise
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: whatever it resolves to may be reachable
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    return 0
 
 
 async def run(

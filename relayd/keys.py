@@ -27,8 +27,7 @@ from relayd.config import Config
 from relayd.scheduler import Schedule
 
 if TYPE_CHECKING:  # redis-py is an optional extra: imported only when it is used
-    from relayd.budget_grants import Budgets
-    from relayd.budget_shared import SharedGrants
+    from relayd.budget_shared import Budgets, SharedGrants
     from relayd.store import Store
 
 log = logging.getLogger("relayd.keys")

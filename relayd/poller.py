@@ -31,7 +31,7 @@ from relayd.store import Store
 from relayd.tracing import job_span
 
 if TYPE_CHECKING:  # redis-py is an optional extra
-    from relayd.budget_grants import Budgets
+    from relayd.budget_shared import Budgets
     from relayd.events import Events
 
 log = logging.getLogger("relayd.poller")

@@ -6,10 +6,10 @@ Pruning runs beside the other loops and never holds them up: each batch is one t
 the store's writer thread (the event loop awaits it), sized by what the last one took. While the
 writer is idle a batch holds it a few milliseconds, so the commits of polls and deliveries that
 come meanwhile wait little. While the writer is busy, a batch waits in its queue behind those
-commits, and then may hold it about as long as it waited: pruning gets a third to a half of
-the writer's time and keeps up with the jobs that end. (With a fixed few milliseconds, a batch a queue's wait
-apart, pruning on a slower disk fell behind a steady 250 jobs/s and the soak's file grew to
-3.7 GB.)
+commits, and then may hold it about as long as it waited: pruning gets a third to a half of the
+writer's time and keeps up with the jobs that end. (Held to a few milliseconds, each batch a
+queue's wait after the last, pruning on a slower disk fell behind a steady 250 jobs/s, and the
+soak's file grew to 3.7 GB.)
 """
 
 from __future__ import annotations

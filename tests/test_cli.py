@@ -150,7 +150,7 @@ async def test_daemon_subprocess_submit_status_show_and_sigterm(
 def test_tables_align_text_left_and_numbers_right() -> None:
     """Status and job tables line up at a terminal: text columns start together, number columns
     end together (header included), missing values show as '-', no trailing spaces."""
-    from relayd.cli import table
+    from relayd.cli_text import table
 
     out = table([["main", 7, "12.0s"], ["aitronos-eu", 1234, None]], ["PROVIDER", "POLLING", "AGE"])
     assert out.splitlines() == [

@@ -20,8 +20,6 @@ from relayd.models import (
     ENDED_JOB_STATES,
     EVENTS_PROVIDER,
     FINAL_JOB_STATES,
-    HISTORY_FIRST,
-    HISTORY_KEPT,
     AttemptOutcome,
     DeliveryState,
     Job,
@@ -44,7 +42,7 @@ from relayd.store.postgres_schema import (
     TABLES,
     VERSION_TABLE,
 )
-from relayd.store.rows import JOB_COLUMNS, job_row
+from relayd.store.rows import JOB_COLUMNS, job_row, trim_attempts, trim_polls
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -418,7 +416,7 @@ class PostgresStore(PostgresClaims):
                 " VALUES (%s,%s,%s,%s,%s,%s)",
                 (delivery_id, now, status, _text(error), duration, outcome),
             )
-            _trim(cur, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
+            trim_attempts(cur, "%s", delivery_id)
             cur.execute(
                 "UPDATE deliveries SET state=%s, attempts=attempts+%s, last_error=%s,"
                 " next_attempt_at=COALESCE(%s, next_attempt_at), delivered_at=%s,"
@@ -477,7 +475,7 @@ class PostgresStore(PostgresClaims):
                 [(delivery_id, now, AttemptOutcome.REPLAY) for delivery_id, _ in rows],
             )
             for delivery_id, _ in rows:
-                _trim(cur, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
+                trim_attempts(cur, "%s", delivery_id)
             cur.executemany(
                 "UPDATE jobs SET state=%s, updated_at=%s WHERE id=%s",
                 [(JobState.DELIVERING, now, owner) for owner in sorted({o for _, o in rows})],
@@ -499,7 +497,7 @@ def _poll_row(
         "INSERT INTO polls (job_id, at, http_status, outcome, detail) VALUES (%s,%s,%s,%s,%s)",
         (job_id, now, http_status, outcome, _text(detail)),
     )
-    _trim(cur, "polls", "job_id", job_id, "jobs", "polls_dropped")
+    trim_polls(cur, "%s", job_id)
 
 
 def _settle_job(cur: Cursor, job_id: int, now: float) -> None:
@@ -513,22 +511,3 @@ def _settle_job(cur: Cursor, job_id: int, now: float) -> None:
         "UPDATE jobs SET state=%s, updated_at=%s WHERE id=%s AND state=%s",
         (final, now, job_id, JobState.DELIVERING),
     )
-
-
-def _trim(
-    cur: Cursor, table: str, owner: str, owner_id: int, counted_in: str, counter: str
-) -> None:
-    """Keep the first and the latest rows of one history (a job's polls, a delivery's
-    attempts); drop those between and count them, so one history stays bounded however long
-    its owner lives."""
-    row = cur.execute(f"SELECT COUNT(*) FROM {table} WHERE {owner}=%s", (owner_id,)).fetchone()
-    extra = int(row[0]) - HISTORY_KEPT if row else 0
-    if extra > 0:
-        cur.execute(
-            f"DELETE FROM {table} WHERE id IN"
-            f" (SELECT id FROM {table} WHERE {owner}=%s ORDER BY id LIMIT %s OFFSET %s)",
-            (owner_id, extra, HISTORY_FIRST),
-        )
-        cur.execute(
-            f"UPDATE {counted_in} SET {counter} = {counter} + %s WHERE id=%s", (extra, owner_id)
-        )

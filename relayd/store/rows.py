@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from relayd.models import Delivery, DeliveryState, Job, JobState
+from relayd.models import HISTORY_FIRST, HISTORY_KEPT, Delivery, DeliveryState, Job, JobState
 
 JOB_COLUMNS = (
     "id, provider, doc_id, state, metadata, endpoints, source, submitted_at, next_poll_at, "
@@ -64,3 +64,32 @@ def delivery_row(row: Sequence[Any]) -> Delivery:
         doc_id=row[13],
         attempts_dropped=row[14],
     )
+
+
+def trim_history(
+    db: Any, mark: str, table: str, owner: str, owner_id: int, counted_in: str, counter: str
+) -> None:
+    """Keep the first and the latest rows of one history (a job's polls, a delivery's
+    attempts); drop those between and count them, so one history stays bounded however long
+    its owner lives. `db`: a SQLite connection or a PostgreSQL cursor, in the transaction that
+    added a row; `mark`: its placeholder ("?" or "%s")."""
+    row = db.execute(f"SELECT COUNT(*) FROM {table} WHERE {owner}={mark}", (owner_id,)).fetchone()
+    extra = int(row[0]) - HISTORY_KEPT if row else 0
+    if extra > 0:
+        db.execute(
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {owner}={mark}"
+            f" ORDER BY id LIMIT {mark} OFFSET {mark})",
+            (owner_id, extra, HISTORY_FIRST),
+        )
+        db.execute(
+            f"UPDATE {counted_in} SET {counter} = {counter} + {mark} WHERE id={mark}",
+            (extra, owner_id),
+        )
+
+
+def trim_polls(db: Any, mark: str, job_id: int) -> None:
+    trim_history(db, mark, "polls", "job_id", job_id, "jobs", "polls_dropped")
+
+
+def trim_attempts(db: Any, mark: str, delivery_id: int) -> None:
+    trim_history(db, mark, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")

@@ -14,7 +14,6 @@ from typing import Any
 from relayd.models import (
     EVENTS_PROVIDER,
     FINAL_JOB_STATES,
-    HISTORY_FIRST,
     HISTORY_KEPT,
     JOB_JSON_BYTES,
     AttemptOutcome,
@@ -27,7 +26,15 @@ from relayd.models import (
     Submission,
     webhook_id,
 )
-from relayd.store.rows import DELIVERY_COLUMNS, DELIVERY_FROM, JOB_COLUMNS, delivery_row, job_row
+from relayd.store.rows import (
+    DELIVERY_COLUMNS,
+    DELIVERY_FROM,
+    JOB_COLUMNS,
+    delivery_row,
+    job_row,
+    trim_attempts,
+    trim_polls,
+)
 from relayd.store.sqlite_file import SqliteFile, writes
 
 
@@ -461,7 +468,7 @@ class SqliteStore(SqliteFile):
             "INSERT INTO polls (job_id, at, http_status, outcome, detail) VALUES (?,?,?,?,?)",
             (job_id, now, http_status, outcome, detail),
         )
-        _trim(db, "polls", "job_id", job_id, "jobs", "polls_dropped")
+        trim_polls(db, "?", job_id)
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -514,7 +521,7 @@ class SqliteStore(SqliteFile):
                 " VALUES (?,?,?,?,?,?)",
                 (delivery_id, now, status, error, duration, outcome),
             )
-            _trim(db, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
+            trim_attempts(db, "?", delivery_id)
             db.execute(
                 "UPDATE deliveries SET state=?, attempts=attempts+?, last_error=?,"
                 " next_attempt_at=COALESCE(?, next_attempt_at), delivered_at=? WHERE id=?",
@@ -583,28 +590,9 @@ class SqliteStore(SqliteFile):
                 [(delivery_id, now, AttemptOutcome.REPLAY) for delivery_id, _ in rows],
             )
             for delivery_id, _ in rows:
-                _trim(db, "attempts", "delivery_id", delivery_id, "deliveries", "attempts_dropped")
+                trim_attempts(db, "?", delivery_id)
             db.executemany(
                 "UPDATE jobs SET state=?, updated_at=? WHERE id=?",
                 [(JobState.DELIVERING, now, owner) for owner in {owner for _, owner in rows}],
             )
         return len(rows)
-
-
-def _trim(
-    db: sqlite3.Connection, table: str, owner: str, owner_id: int, counted_in: str, counter: str
-) -> None:
-    """Keep the first and the latest rows of one history (a job's polls, a delivery's
-    attempts); drop those between and count them, so one history stays bounded however long
-    its owner lives."""
-    kept = db.execute(f"SELECT COUNT(*) FROM {table} WHERE {owner}=?", (owner_id,)).fetchone()[0]
-    extra = kept - HISTORY_KEPT
-    if extra > 0:
-        db.execute(
-            f"DELETE FROM {table} WHERE id IN"
-            f" (SELECT id FROM {table} WHERE {owner}=? ORDER BY id LIMIT ? OFFSET ?)",
-            (owner_id, extra, HISTORY_FIRST),
-        )
-        db.execute(
-            f"UPDATE {counted_in} SET {counter} = {counter} + ? WHERE id=?", (extra, owner_id)
-        )
