@@ -123,13 +123,8 @@ class QueuedStore:
         return 0
 
 
-async def test_a_batch_is_sized_by_its_own_time_not_its_wait_behind_other_writes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Under load a batch waits behind the polls' and deliveries' commits; sized by that wait
-    batches fell to one job while the jobs to prune piled up. Quick batches grow, however long
-    they waited."""
-    store = QueuedStore(jobs=10_000)
+async def one_pass(store: QueuedStore, monkeypatch: pytest.MonkeyPatch) -> Pruned:
+    """One pruning pass over `store`, on its fake time."""
     fake_time = types.SimpleNamespace(perf_counter=store.perf_counter)
     monkeypatch.setattr("relayd.retention.time", fake_time)
     settings = types.SimpleNamespace(retention=1.0, dead_retention=1.0)
@@ -139,7 +134,17 @@ async def test_a_batch_is_sized_by_its_own_time_not_its_wait_behind_other_writes
         clock=FakeClock(),
         metrics=Metrics(),
     )
-    removed = await pruner.prune()
+    return await pruner.prune()
+
+
+async def test_a_batch_is_sized_by_its_own_time_not_its_wait_behind_other_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under load a batch waits behind the polls' and deliveries' commits; sized by that wait
+    batches fell to one job while the jobs to prune piled up. Quick batches grow, however long
+    they waited."""
+    store = QueuedStore(jobs=10_000)
+    removed = await one_pass(store, monkeypatch)
     assert removed.jobs == 10_000
     assert store.asked[:3] == [FIRST_BATCH, FIRST_BATCH * 2, FIRST_BATCH * 4]
     assert len(store.asked) < 15
@@ -154,16 +159,7 @@ async def test_behind_a_busy_writer_pruning_takes_a_third_to_a_half_of_it(
     long as it waited: sizes settle where a batch holds it between half and all of its wait,
     so pruning gets a third to a half of the writer, and no batch holds it past MAX_HOLD."""
     store = QueuedStore(jobs=5_000, wait=0.030, per_batch=0.0, per_job=0.001)
-    fake_time = types.SimpleNamespace(perf_counter=store.perf_counter)
-    monkeypatch.setattr("relayd.retention.time", fake_time)
-    settings = types.SimpleNamespace(retention=1.0, dead_retention=1.0)
-    pruner = retention.Pruner(
-        store=cast(Store, store),
-        settings=lambda: cast(Settings, settings),
-        clock=FakeClock(),
-        metrics=Metrics(),
-    )
-    removed = await pruner.prune()
+    removed = await one_pass(store, monkeypatch)
     assert removed.jobs == 5_000
     assert store.held / store.now > 1 / 3  # of the writer's time, the waits included
     assert removed.jobs / store.now > 300  # jobs a second (held to 5 ms: 140)
