@@ -56,8 +56,8 @@ def pass_gap(retention: float, dead_retention: float) -> float:
 
 def hold_target(waited: float) -> float:
     """How long a batch may hold the writer, from how long batches wait in its queue behind
-    the other writes: as long as that (half the writer's time when it is busy), at least
-    BATCH_TARGET, at most MAX_HOLD."""
+    the other writes: as long as that (batch sizes then settle between half and all of it, a
+    third to a half of a busy writer's time), at least BATCH_TARGET, at most MAX_HOLD."""
     return min(MAX_HOLD, max(BATCH_TARGET, waited))
 
 
