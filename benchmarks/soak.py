@@ -142,8 +142,7 @@ step = asyncio.events.Handle._run
 def timed_step(self):  # one callback: one uninterrupted hold of the event loop
     owner = getattr(self._callback, "__self__", None)
     coro = getattr(owner, "get_coro", lambda: None)()
-    frame = getattr(coro, "cr_frame", None)
-    request = frame.f_locals.get("request") if frame is not None else None  # a request handler's
+    frame = getattr(coro, "cr_frame", None)  # kept: a finished coroutine's frame is gone after
     stacks = []
     started, cpu = time.perf_counter(), time.thread_time()
     current[:] = [current[0] + 1, started, stacks]
@@ -153,6 +152,8 @@ def timed_step(self):  # one callback: one uninterrupted hold of the event loop
     if took > 0.005:
         cpu = time.thread_time() - cpu
         name = getattr(coro, "__qualname__", None) or repr(self._callback)[:60]
+        # a request handler's request (f_locals copies every local: only for a long step)
+        request = frame.f_locals.get("request") if frame is not None else None
         if request is not None and hasattr(request, "path"):
             name += f" {request.method} {request.path}"
         long_steps.append((round(took * 1000, 2), round(cpu * 1000, 2), name, stacks))
@@ -398,7 +399,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
               f"({len(run.lags):,} samples at {args.paced_rate} jobs/s)")  # fmt: skip
         longest = sorted(run.steps, reverse=True)
         over = collections.Counter(name for ms, _, name, _ in longest if ms > 20)
-        wall, cpu, name, stacks = longest[0] if longest else (0.0, 0.0, "-", [])
+        wall, cpu, name, _ = longest[0] if longest else (0.0, 0.0, "-", [])
         print(f"  longest callback  {wall:.1f} ms ({cpu:.1f} ms of CPU, {name}); over 20 ms:"
               f" {dict(over) or 'none'}")  # fmt: skip
         for ms, cpu, name, stacks in longest[:5]:
